@@ -1,0 +1,94 @@
+"""The `torch.compile` backend: Dynamo graph -> fxlora passes -> inner compiler (Inductor).
+
+Registered as the `fxlora` entry point of `torch_dynamo_backends` (pyproject.toml), so
+`torch.compile(model, backend="fxlora")` works without importing fxlora.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxlora.config import Config, check_mode
+from fxlora.explain import GraphReport, record
+from fxlora.passes import find_lora_sites
+
+log = logging.getLogger("fxlora")
+
+
+def fxlora_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Any = None,
+    mode: Optional[str] = None,
+) -> Callable:
+    """Entry point Dynamo calls with each captured graph; `options`/`mode` come from torch.compile."""
+    config = Config.from_options(options)
+    check_mode(mode)
+    return compile_graph(gm, example_inputs, config, mode=mode)
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: Config,
+    *,
+    mode: Optional[str] = None,
+    on_report: Callable[[GraphReport], None] = record,
+) -> Callable:
+    """Run fxlora's passes on `gm`, report them, then hand the graph to the inner compiler."""
+    compile_id = _compile_id()
+    before = gm.code
+    try:
+        match = find_lora_sites(gm)
+        fallback = None
+    except Exception as err:  # never the reason a training run dies: compile the untouched graph
+        log.warning("fxlora: matching failed on graph %s (%s: %s); compiling it untouched", compile_id, type(err).__name__, err)
+        match, fallback = None, f"matching failed ({type(err).__name__}: {err})"
+    report = GraphReport(
+        compile_id=compile_id,
+        num_nodes=len(gm.graph.nodes),
+        match=match,
+        graph_before=before,
+        graph_after=gm.code,
+        fallback=fallback,
+    )
+    if match is not None:
+        log.info("fxlora: graph %s: %d LoRA sites, %d rejected", compile_id, len(match.sites), len(match.rejections))
+    on_report(report)
+    if config.dump_graphs:
+        _dump(report, config.dump_graphs)
+    return _inner_compile(gm, example_inputs, config, mode)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, config: Config, mode: Optional[str]) -> Callable:
+    if config.inner == "eager":
+        return gm.forward
+    if config.inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(config.inductor)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _compile_id() -> str:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return str(compile_id) if compile_id is not None else "?"
+
+
+def _dump(report: GraphReport, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    stem = os.path.join(directory, "graph_" + report.compile_id.replace("/", "_").replace(" ", ""))
+    for suffix, text in (("before", report.graph_before), ("after", report.graph_after), ("report", str(report))):
+        with open(f"{stem}.{suffix}.txt", "w") as f:
+            f.write(text)

@@ -1,0 +1,88 @@
+"""fxlora's options: one frozen, validated object.
+
+Users pass them as `torch.compile(model, backend="fxlora", options={...})` or build
+`fxlora.Config(...)` directly; either way a bad key or value fails at compile time
+with a message that names it and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional, Union
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of the fxlora backend.
+
+    inner: the compiler the graph goes to after fxlora's passes. "inductor" (default)
+        is what users want; "aot_eager" runs AOTAutograd without codegen (fast to
+        compile, used by most tests); "eager" runs the rewritten graph as Python.
+    inductor: Inductor config patches (keys of `torch._inductor.config`), applied
+        on top of what `mode=` implies, as `torch.compile(options=...)` would.
+    dump_graphs: a directory; each compiled graph is written there before and after
+        fxlora's passes (`<compile id>.before.txt` / `.after.txt`).
+    """
+
+    inner: str = "inductor"
+    inductor: Mapping[str, Any] = field(default_factory=dict)
+    dump_graphs: Optional[str] = None
+
+    def __post_init__(self):
+        _check_choice("inner", self.inner, INNER_COMPILERS)
+        if not isinstance(self.inductor, Mapping):
+            raise ValueError(
+                f"fxlora option 'inductor' must be a dict of torch._inductor.config keys, got {type(self.inductor).__name__}"
+            )
+        unknown = sorted(set(self.inductor) - _inductor_keys())
+        if unknown:
+            raise ValueError(
+                f"fxlora option 'inductor' has unknown Inductor config keys {unknown}; "
+                "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
+            )
+        object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
+        if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
+            raise ValueError(
+                f"fxlora option 'dump_graphs' must be a directory path (str) or None, got {self.dump_graphs!r}"
+            )
+
+    @classmethod
+    def from_options(cls, options: Union[None, "Config", Mapping[str, Any]]) -> "Config":
+        """Build from `torch.compile(options=...)`: None, a Config, or a dict of Config fields."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                f"fxlora options must be a dict or fxlora.Config, got {type(options).__name__}"
+            )
+        allowed = [f.name for f in fields(cls)]
+        for key in options:
+            if key not in allowed:
+                raise ValueError(f"unknown fxlora option {key!r}; allowed options: {', '.join(allowed)}")
+        return cls(**options)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def check_mode(mode: Optional[str]) -> None:
+    if mode is not None:
+        _check_choice("mode", mode, MODES)
+
+
+def _check_choice(key: str, got: Any, allowed: tuple) -> None:
+    if got not in allowed:
+        raise ValueError(f"fxlora option {key!r} must be one of {', '.join(map(repr, allowed))}; got {got!r}")
+
+
+def _inductor_keys() -> set[str]:
+    import torch._inductor.config as inductor_config
+
+    return set(inductor_config.get_config_copy())

@@ -1,0 +1,156 @@
+"""What fxlora saw and did, for people: per-graph reports, `explain(model, ...)`, `last_report()`."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from fxlora.graph_utils import describe_size, dtype_name
+from fxlora.sites import LoraMatch, LoraSite
+
+_RECENT: collections.deque = collections.deque(maxlen=64)
+
+
+@dataclass
+class GraphReport:
+    """One Dynamo graph: the sites matched, what was rejected and why, the graph before/after."""
+
+    compile_id: str
+    num_nodes: int
+    match: Optional[LoraMatch]
+    graph_before: str
+    graph_after: str
+    fallback: Optional[str] = None  # why the graph was left untouched, when it was
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[LoraSite]:
+        return self.match.sites if self.match else []
+
+    def __str__(self) -> str:
+        return "\n".join(_format_graph(self))
+
+
+@dataclass
+class Report:
+    """Every graph fxlora compiled for one call (several when Dynamo breaks the graph)."""
+
+    graphs: list[GraphReport]
+
+    @property
+    def sites(self) -> list[LoraSite]:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def rejections(self):
+        return [r for g in self.graphs if g.match for r in g.match.rejections]
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "fxlora: no graph compiled yet"
+        return "\n\n".join(str(g) for g in self.graphs)
+
+
+def record(report: GraphReport) -> None:
+    _RECENT.append(report)
+
+
+def last_report() -> Report:
+    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first."""
+    return Report(list(_RECENT))
+
+
+def clear_reports() -> None:
+    _RECENT.clear()
+
+
+def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:
+    """Trace `model(*args, **kwargs)` with Dynamo and report the adapter sites fxlora finds.
+
+    Runs one forward pass (gradients enabled, so trainability is seen as in training);
+    nothing is compiled with Inductor and the model is not changed.
+    """
+    from fxlora.backend import compile_graph
+    from fxlora.config import Config
+
+    config = Config.from_options(options).replace(inner="eager")
+    captured: list[GraphReport] = []
+
+    def capture(gm, example_inputs, **_):
+        return compile_graph(gm, example_inputs, config, on_report=captured.append)
+
+    # A fresh backend object gets its own cache entry; lift the limit so repeated explains still trace.
+    with torch._dynamo.config.patch(recompile_limit=10_000, accumulated_recompile_limit=10_000):
+        torch.compile(model, backend=capture)(*args, **kwargs)
+    if not captured:
+        raise RuntimeError(
+            "fxlora.explain traced no graph: the call ran without Dynamo compiling anything "
+            "(is the model already compiled with another backend, or is torch._dynamo disabled?)"
+        )
+    return Report(captured)
+
+
+# --- formatting ---------------------------------------------------------------------
+
+_COLUMNS = ("#", "site", "base", "tokens", "in", "out", "r", "dtype", "trains", "dropout", "scale", "bias", "x shared with")
+
+
+def _site_row(site: LoraSite, match: LoraMatch) -> tuple[str, ...]:
+    name = site.module or site.nodes.add.name
+    if site.adapter:
+        name += f" [{site.adapter}]"
+    trains = "+".join(k for k, on in (("A", site.a_trainable), ("B", site.b_trainable)) if on) or "-"
+    if site.autocast:
+        dtype = f"{dtype_name(site.adapter_dtype)}@{site.autocast.split(':')[1]}"
+    else:
+        dtype = dtype_name(site.adapter_dtype)
+    if dtype_name(site.weight_dtype) != dtype_name(site.adapter_dtype):
+        dtype = f"W {dtype_name(site.weight_dtype)}, AB {dtype}"
+    shared = [str(i) for i in match.input_groups.get(site.input_group, []) if i != site.index]
+    bias = "trainable" if site.bias_trainable else ("yes" if site.has_bias else "no")
+    return (
+        str(site.index),
+        name,
+        site.base_kind + (f"+{site.stacked}" if site.stacked else ""),
+        "*".join(describe_size(d) for d in site.tokens) or "1",
+        describe_size(site.in_features),
+        describe_size(site.out_features),
+        describe_size(site.rank),
+        dtype,
+        trains,
+        "runtime" if site.dropout_p is None else f"{site.dropout_p:g}",
+        site.scaling,
+        bias,
+        ",".join(shared) or "-",
+    )
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [fmt(header), *map(fmt, rows)]
+
+
+def _format_graph(g: GraphReport) -> list[str]:
+    m = g.match
+    head = f"fxlora graph {g.compile_id} ({g.num_nodes} nodes)"
+    if m is None:
+        return [head, f"  left untouched: {g.fallback}"]
+    shared = sum(1 for members in m.input_groups.values() if len(members) > 1)
+    lines = [
+        f"{head}: {len(m.sites)} LoRA sites on {m.linears} linears, "
+        f"{shared} shared-input groups, {len(m.rejections)} rejected"
+    ]
+    if m.sites:
+        lines += _table([_site_row(s, m) for s in m.sites], _COLUMNS)
+    if m.rejections:
+        lines.append("  rejected (LoRA-like, not provably a site; left untouched):")
+        for r in m.rejections:
+            lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
+    if g.fallback:
+        lines.append(f"  left untouched: {g.fallback}")
+    lines += [f"  {note}" for note in g.notes]
+    return lines

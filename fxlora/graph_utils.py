@@ -1,0 +1,104 @@
+"""Small, pure helpers for reading a Dynamo FX graph: what an op is, its fake value, its module path.
+
+Nothing here mutates a graph; the passes build on these to say what a node *computes*.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+MUL_TARGETS = (operator.mul, torch.mul, operator.imul)
+DROPOUT_TARGETS = (F.dropout, torch.dropout, torch.nn.functional.dropout)
+ADDMM_TARGETS = (torch.addmm,)
+VIEW_METHODS = ("view", "reshape")
+CAST_METHODS = ("to", "float", "half", "bfloat16", "type")
+
+
+def value(node: Any) -> Any:
+    """The fake value Dynamo recorded for `node` (a FakeTensor, SymInt, ...), or the constant itself."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def is_call(node: Any, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_method(node: Any, names) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def is_tensor_input(node: Any) -> bool:
+    """A graph input or attribute: where parameters and buffers enter a Dynamo graph."""
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and isinstance(
+        value(node), torch.Tensor
+    )
+
+
+def requires_grad(node: Any) -> bool:
+    v = value(node)
+    return bool(getattr(v, "requires_grad", False))
+
+
+def is_float_cast(node: Any) -> bool:
+    """`x.to(dtype)`, `x.float()`...: a cast to a floating dtype that keeps shape and device."""
+    if not is_method(node, CAST_METHODS):
+        return False
+    src, out = value(node.args[0]), value(node)
+    return (
+        isinstance(src, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and out.dtype.is_floating_point
+        and src.shape == out.shape
+        and src.device == out.device
+    )
+
+
+def strip_casts(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Follow float casts back to the tensor they convert; return it and the casts passed."""
+    casts = []
+    while is_float_cast(node):
+        casts.append(node)
+        node = node.args[0]
+    return node, casts
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """The argument at `index` or keyword `name` (Dynamo keeps whichever the user wrote)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+_MODULE_KEY = re.compile(r"(?:\.__dict__\['_modules'\]|\._modules)\['([^']+)'\]")
+
+
+def module_path(node: fx.Node) -> Optional[str]:
+    """Dotted path of the innermost module that produced `node`, from Dynamo's nn_module_stack."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    raw, _cls = list(stack.values())[-1]
+    path = _MODULE_KEY.sub(r".\1", raw)
+    path = re.sub(r"^L\['\w+'\]\.?", "", path)  # the traced root: L['self'], L['fn'], ...
+    return path.lstrip(".") or None
+
+
+def describe_size(size) -> str:
+    """A shape entry as text: an int, or the sympy expression of a symbolic size."""
+    if isinstance(size, torch.SymInt):
+        return str(size.node.expr)
+    return str(int(size))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,9 @@
+"""fxlora's graph passes, one module a pass.
+
+A pass is a function over a `torch.fx.GraphModule` that returns what it did. Only
+rewrite passes mutate the graph; matching passes read it. See docs/architecture.md.
+"""
+
+from fxlora.passes.find_lora import find_lora_sites
+
+__all__ = ["find_lora_sites"]

@@ -1,0 +1,306 @@
+"""Find LoRA sites in a Dynamo graph by their math: `linear(x, W, b) + s * linear(linear(drop(x), A), B)`.
+
+Matching starts from every low-rank chain `linear(linear(u, A), B)` (the shape every
+LoRA-like adapter has) and then tries to *prove* the rest: the chain's input is the
+base layer's input, the chain is scaled and added to that base layer's output, W is
+frozen, and no intermediate escapes. A chain that fails a check becomes a `Rejection`
+with the reason, so `explain` can say why a site was left alone. Names of modules
+are never consulted for matching, only for the report.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+import torch.fx as fx
+
+from fxlora.graph_utils import (
+    ADD_TARGETS,
+    ADDMM_TARGETS,
+    DROPOUT_TARGETS,
+    LINEAR_TARGETS,
+    MUL_TARGETS,
+    VIEW_METHODS,
+    arg,
+    is_call,
+    is_method,
+    is_tensor_input,
+    module_path,
+    requires_grad,
+    strip_casts,
+    value,
+)
+from fxlora.sites import LoraMatch, LoraNodes, LoraSite, Rejection
+
+
+class _NotASite(Exception):
+    """Raised inside matching with the reason a chain is not a provable LoRA site."""
+
+
+def find_lora_sites(gm: fx.GraphModule) -> LoraMatch:
+    """Match every LoRA site of `gm`; never mutates the graph."""
+    graph = gm.graph
+    autocast = _autocast_state(graph)
+    chains = [n for n in graph.nodes if _is_low_rank_chain(n)]
+    # Branch outputs let a later adapter on the same layer see through an earlier one.
+    branch_outputs = {_branch_output(xab): xab for xab in chains}
+
+    sites: list[LoraSite] = []
+    rejections: list[Rejection] = []
+    for xab in chains:
+        try:
+            nodes, base_kind, stacked = _prove_site(xab, branch_outputs)
+        except _NotASite as why:
+            rejections.append(Rejection(xab.name, module_path(xab), str(why)))
+            continue
+        sites.append(_describe(len(sites), nodes, base_kind, stacked, autocast.get(nodes.add)))
+
+    groups: dict[fx.Node, list[int]] = {}
+    for site in sites:
+        groups.setdefault(site.nodes.x, []).append(site.index)
+    input_groups = {}
+    for group_id, members in enumerate(groups.values()):
+        input_groups[group_id] = members
+        for i in members:
+            sites[i].input_group = group_id
+
+    adapter_weights = {n for s in sites for n in (s.nodes.lora_A, s.nodes.lora_B)}
+    linears = sum(
+        1
+        for n in graph.nodes
+        if (is_call(n, LINEAR_TARGETS) and arg(n, 1, "weight") not in adapter_weights)
+        or is_call(n, ADDMM_TARGETS)
+    )
+    return LoraMatch(sites, rejections, input_groups, linears)
+
+
+# --- the chain --------------------------------------------------------------------
+
+
+def _is_low_rank_chain(node: fx.Node) -> bool:
+    """`linear(linear(u, A), B)` with A: (r, in), B: (out, r), r below both in and out."""
+    if not is_call(node, LINEAR_TARGETS) or not is_call(node.args[0], LINEAR_TARGETS):
+        return False
+    a, b = arg(node.args[0], 1, "weight"), arg(node, 1, "weight")
+    if not (is_tensor_input(a) and is_tensor_input(b)):
+        return False
+    A, B = value(a), value(b)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        return False
+    r = A.shape[0]
+    return _lt(r, A.shape[1]) and _lt(r, B.shape[0])
+
+
+def _lt(a, b) -> bool:
+    try:
+        return bool(a < b)
+    except Exception:  # an unbacked symbolic size: cannot prove low rank
+        return False
+
+
+def _branch_output(xab: fx.Node) -> fx.Node:
+    """The node that is added to the base: `xab * s`, or `xab` itself when unscaled."""
+    users = list(xab.users)
+    if len(users) == 1 and is_call(users[0], MUL_TARGETS):
+        return users[0]
+    return xab
+
+
+def _only_user(node: fx.Node, what: str) -> fx.Node:
+    users = list(node.users)
+    if len(users) != 1:
+        names = ", ".join(u.name for u in users) or "nothing"
+        raise _NotASite(f"{what} ({node.name}) is used by {len(users)} nodes ({names}), not only by the adapter")
+    return users[0]
+
+
+def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int]:
+    xa = xab.args[0]
+    if arg(xa, 2, "bias") is not None:
+        raise _NotASite("lora_A has a bias; LoRA's down-projection has none")
+    if arg(xab, 2, "bias") is not None:
+        raise _NotASite("lora_B has a bias (PEFT lora_bias=True); not supported yet")
+    _only_user(xa, "A(x)")
+    lora_A, lora_B = arg(xa, 1, "weight"), arg(xab, 1, "weight")
+
+    # Input side: optional dropout, then optional casts back to the tensor the base layer reads.
+    u = xa.args[0]
+    dropout = None
+    # A dropout only the adapter reads is the adapter's own; one the base reads too is part of x.
+    if is_call(u, DROPOUT_TARGETS) and len(u.users) == 1:
+        dropout = u
+        if arg(dropout, 3, "inplace", False):
+            raise _NotASite("the adapter's dropout is in-place")
+        u = dropout.args[0]
+    elif isinstance(u, fx.Node) and u.op == "call_module":
+        raise _NotASite(f"the adapter input goes through a module call ({u.target}) fxlora cannot see into")
+    adapter_input, casts = strip_casts(u)
+
+    # Output side: optional scale, then the add onto the base layer's output.
+    scale: Union[float, fx.Node] = 1.0
+    scaled = None
+    out = _only_user(xab, "B(A(x))")
+    if is_call(out, MUL_TARGETS):
+        scaled = out
+        scale = _scalar_operand(out, xab)
+        out = _only_user(scaled, "s * B(A(x))")
+    if not is_call(out, ADD_TARGETS) or len(out.args) != 2 or out.kwargs:
+        raise _NotASite(
+            f"B(A(x)) flows into {_op_name(out)} instead of `base(x) + s * B(A(x))` "
+            "(DoRA's magnitude scaling and other variants look like this)"
+        )
+    add = out
+    branch = scaled if scaled is not None else xab
+    base = add.args[1] if add.args[0] is branch else add.args[0]
+
+    root, stacked = base, 0
+    while is_call(root, ADD_TARGETS) and any(a in branch_outputs for a in root.args):
+        other = [a for a in root.args if a not in branch_outputs]
+        if len(other) != 1:
+            break
+        _only_user(root, "an earlier adapter's sum")
+        root, stacked = other[0], stacked + 1
+    x, weight, bias, base_kind = _base_layer(root)
+    if stacked == 0:
+        _only_user(base, "the base layer's output W x")
+
+    if adapter_input is not x:
+        raise _NotASite(
+            f"the adapter reads {adapter_input.name if isinstance(adapter_input, fx.Node) else adapter_input!r}, "
+            f"the base layer reads {x.name}: not the same input"
+        )
+    W = value(weight)
+    if not W.dtype.is_floating_point:
+        raise _NotASite(f"base weight is {W.dtype} (a quantized base); only float bases are matched")
+    if requires_grad(weight):
+        raise _NotASite("base weight W requires grad; fxlora only rewrites sites with a frozen base")
+    if isinstance(value(x), torch.Tensor) and value(x).dim() < 1:
+        raise _NotASite("x has no feature dimension")
+
+    nodes = LoraNodes(
+        x=x, weight=weight, bias=bias, base=base, layer_out=root, lora_A=lora_A, lora_B=lora_B,
+        input_casts=tuple(reversed(casts)), dropout=dropout, xa=xa, xab=xab,
+        scaled=scaled, scale=scale, add=add,
+    )
+    return nodes, base_kind, stacked
+
+
+def _scalar_operand(mul: fx.Node, xab: fx.Node) -> Union[float, fx.Node]:
+    if len(mul.args) != 2:
+        raise _NotASite(f"{mul.name} is not a binary multiply")
+    s = mul.args[1] if mul.args[0] is xab else mul.args[0]
+    if isinstance(s, numbers.Number) and not isinstance(s, bool):
+        return float(s)
+    v = value(s)
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        return s
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        if requires_grad(s):
+            raise _NotASite("the scale is a trainable tensor; fxlora needs a constant scale")
+        return s
+    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(s).__name__
+    raise _NotASite(f"B(A(x)) is multiplied by {shape}, not by a scalar scale")
+
+
+def _base_layer(node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
+    """`linear(x, W, b)` or GPT-2's Conv1D `addmm(b, x.view(-1, in), W).view(...)`: (x, W, b, kind)."""
+    if is_call(node, LINEAR_TARGETS):
+        x, weight, bias = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+        if is_tensor_input(weight) and (bias is None or is_tensor_input(bias)):
+            return x, weight, bias, "linear"
+    if is_method(node, VIEW_METHODS) and is_call(node.args[0], ADDMM_TARGETS):
+        mm = node.args[0]
+        bias, flat, weight = mm.args[0], mm.args[1], mm.args[2]
+        if (
+            not mm.kwargs
+            and _only_user(mm, "the Conv1D matmul") is node
+            and is_method(flat, VIEW_METHODS)
+            and is_tensor_input(weight)
+            and is_tensor_input(bias)
+            and value(bias).dim() == 1
+        ):
+            x = flat.args[0]
+            xv, ov = value(x), value(node)
+            if xv.shape[:-1] == ov.shape[:-1] and xv.shape[-1] == value(weight).shape[0]:
+                return x, weight, bias, "conv1d"
+    raise _NotASite(
+        f"the adapter is added to {_op_name(node)}, not to a linear layer's output "
+        "(quantized and custom bases are not matched)"
+    )
+
+
+def _op_name(node) -> str:
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "output":
+        return "the graph's output"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} = {node.op} {target}"
+
+
+# --- description --------------------------------------------------------------------
+
+
+def _autocast_state(graph: fx.Graph) -> dict[fx.Node, str]:
+    """Which nodes run inside `torch.autocast(...)`, as 'device:dtype'."""
+    state, stack = {}, []
+    for node in graph.nodes:
+        target = getattr(node.target, "__name__", "")
+        if node.op == "call_function" and target == "_enter_autocast":
+            device, dtype, enabled = (list(node.args) + [None, None, True])[:3]
+            if dtype is None and isinstance(device, str):
+                dtype = torch.get_autocast_dtype(device)
+            stack.append(f"{device}:{str(dtype).removeprefix('torch.')}" if enabled else None)
+        elif node.op == "call_function" and target == "_exit_autocast":
+            if stack:
+                stack.pop()
+        elif stack and stack[-1]:
+            state[node] = stack[-1]
+    return state
+
+
+def _describe(index: int, nodes: LoraNodes, base_kind: str, stacked: int, autocast) -> LoraSite:
+    x, W, A = value(nodes.x), value(nodes.weight), value(nodes.lora_A)
+    B, base_out = value(nodes.lora_B), value(nodes.layer_out)
+    out_features = W.shape[0] if base_kind == "linear" else W.shape[1]
+    site_module = module_path(nodes.add)
+    a_module = module_path(nodes.xa) or ""
+    adapter = None
+    if site_module and a_module.startswith(site_module + "."):
+        parts = a_module[len(site_module) + 1 :].split(".")
+        adapter = parts[-1] if len(parts) >= 2 else None
+    if isinstance(nodes.scale, fx.Node):
+        v = value(nodes.scale)
+        scaling = f"{nodes.scale.name} ({type(v).__name__})"
+    else:
+        scaling = repr(nodes.scale)
+    p: Optional[float] = 0.0
+    if nodes.dropout is not None and arg(nodes.dropout, 2, "training", True):
+        p = arg(nodes.dropout, 1, "p", 0.5)
+        # Under dynamic=True Dynamo may turn p into a tensor input read with .item(): known at run time only.
+        p = float(p) if isinstance(p, numbers.Number) else None
+    return LoraSite(
+        index=index,
+        module=site_module,
+        adapter=adapter,
+        base_kind=base_kind,
+        tokens=tuple(x.shape[:-1]),
+        in_features=x.shape[-1],
+        out_features=out_features,
+        rank=A.shape[0],
+        x_dtype=x.dtype,
+        weight_dtype=W.dtype,
+        adapter_dtype=B.dtype,
+        compute_dtype=base_out.dtype,
+        autocast=autocast,
+        has_bias=nodes.bias is not None,
+        bias_trainable=nodes.bias is not None and requires_grad(nodes.bias),
+        a_trainable=requires_grad(nodes.lora_A),
+        b_trainable=requires_grad(nodes.lora_B),
+        dropout_p=p,
+        scaling=scaling,
+        stacked=stacked,
+        nodes=nodes,
+    )
