@@ -11,7 +11,9 @@ def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     out = model(**batch) if isinstance(batch, dict) else model(batch)
     loss = out.loss if hasattr(out, "loss") else out.float().pow(2).mean()
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
 

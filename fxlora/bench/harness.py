@@ -1,0 +1,536 @@
+"""Side-by-side LoRA training-step measurements, as /work/shared/notes/measuring.md prescribes.
+
+A claim of fxlora is a ratio taken in one run against the strongest peer on the same
+work, so every configuration builds four contestants from the same seed (same weights,
+same batch, same dtype, same AdamW step) and runs them interleaved, step by step:
+
+    floor          base model, no adapters, only the input embeddings train (Inductor):
+                   the physical limit of this step, which no exact rewrite can beat
+    peft-eager     PEFT LoRA, no compile
+    peft-inductor  PEFT LoRA, torch.compile(model)
+    fxlora         PEFT LoRA, torch.compile(model, backend="fxlora", options=...)
+
+Per contestant and configuration: the median step time, the compile time (first step
+minus the median, reported apart), the bytes saved for backward, and the figures
+derived from them against the best peer (the better of peft-eager and peft-inductor,
+per figure) and the floor (the adapter tax).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from fxlora.bench.models import tiny_model, token_batch, with_lora
+
+FLOOR = "floor"
+PEERS = ("peft-eager", "peft-inductor")
+CONTESTANTS = (FLOOR, *PEERS, "fxlora")
+DTYPES = ("fp32", "bf16")
+INNERS = ("inductor", "aot_eager")
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------- what to run
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A small Llama: wide enough for the adapters to matter, vocab small so the LM head does not dominate."""
+
+    family: str = "llama"
+    hidden: int = 512
+    intermediate: int = 1376
+    layers: int = 4
+    heads: int = 8
+    vocab: int = 2048
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration of the sweep; every contestant runs it."""
+
+    seq: int
+    rank: int
+    dropout: float
+
+    def label(self) -> str:
+        return f"seq={self.seq} r={self.rank} p={self.dropout:g}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything held fixed across a sweep.
+
+    inner: "inductor" is the real comparison; "aot_eager" compiles every compiled
+        contestant (floor, peft-inductor, fxlora) without codegen, for fast smoke tests.
+    fxlora_options: passed as `torch.compile(..., options=...)`; a parameter because the
+        rewrite options change faster than this harness.
+    """
+
+    shape: ModelShape = ModelShape()
+    dtype: str = "fp32"
+    steps: int = 5
+    warmup: int = 2
+    contestants: tuple[str, ...] = CONTESTANTS
+    inner: str = "inductor"
+    fxlora_options: Mapping[str, Any] = field(default_factory=dict)
+    lora_alpha: int = 16
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        unknown = [c for c in self.contestants if c not in CONTESTANTS]
+        if unknown or not self.contestants:
+            raise ValueError(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.inner not in INNERS:
+            raise ValueError(f"inner must be one of {INNERS}, got {self.inner!r}")
+        if self.warmup < 1 or self.steps < 1:
+            raise ValueError("need at least 1 warm-up step (it carries the compile) and 1 timed step")
+
+
+# ----------------------------------------------------------------------------- what comes out
+
+
+@dataclass
+class Measurement:
+    """One contestant on one case. Derived figures are None where a peer or the floor is missing."""
+
+    contestant: str
+    seq: int
+    rank: int
+    dropout: float
+    step_ms: float = float("nan")  # median of the timed steps
+    step_ms_all: list[float] = field(default_factory=list)
+    first_step_ms: float = float("nan")
+    compile_s: float = float("nan")  # first step minus the median step
+    saved_bytes: int = 0  # saved for backward, parameters excluded (they live anyway)
+    saved_param_bytes: int = 0  # parameter storages saved for backward, for the record
+    first_loss: float = float("nan")  # before any optimizer step: equal weights give equal losses
+    peak_bytes: Optional[int] = None  # CUDA only: max allocated during the saved-bytes step
+    fxlora_sites: Optional[int] = None  # LoRA sites fxlora reported, fxlora contestant only
+    error: Optional[str] = None
+    time_ratio: Optional[float] = None  # step_ms / best peer's step_ms
+    saved_ratio: Optional[float] = None
+    time_tax: Optional[float] = None  # (this - floor) / (best peer - floor)
+    saved_tax: Optional[float] = None
+
+    @property
+    def saved_mib(self) -> float:
+        return self.saved_bytes / MIB
+
+    @property
+    def case(self) -> Case:
+        return Case(self.seq, self.rank, self.dropout)
+
+
+@dataclass
+class BenchResult:
+    """A whole sweep with what a reader needs to judge it: machine, torch, dtype, shapes."""
+
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    measurements: list[Measurement]
+    started: str
+    duration_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "settings": self.settings,
+            "started": self.started,
+            "duration_s": self.duration_s,
+            "measurements": [asdict(m) for m in self.measurements],
+        }
+
+    @property
+    def errors(self) -> list[Measurement]:
+        return [m for m in self.measurements if m.error]
+
+
+def measurement_columns() -> list[str]:
+    """Flat columns for a CSV row; the per-step list is left to the JSON."""
+    return [f.name for f in fields(Measurement) if f.name != "step_ms_all"]
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """What the harness tells a progress display (the CLI's tqdm bar); the default says nothing."""
+
+    def start(self, label: str) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+def steps_per_case(settings: Settings) -> int:
+    """Steps one case runs: per contestant, warm-up (first one compiles) + saved-bytes probe + timed."""
+    return len(settings.contestants) * (settings.warmup + 1 + settings.steps)
+
+
+# ----------------------------------------------------------------------------- contestants
+
+
+@dataclass
+class Contestant:
+    """A model ready to train, its optimizer, and what its steps have measured so far."""
+
+    name: str
+    model: nn.Module  # what is called: compiled or not
+    optimizer: torch.optim.Optimizer
+    param_storages: frozenset[int]  # data_ptrs of parameter/buffer storages, not counted as saved activations
+    result: Measurement
+
+
+def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
+    """The same random weights for every contestant: tiny_model and with_lora seed themselves."""
+    s = settings.shape
+    model = tiny_model(
+        s.family, hidden=s.hidden, intermediate=s.intermediate, layers=s.layers, heads=s.heads,
+        vocab=s.vocab, max_positions=max(4096, case.seq), seed=settings.seed,
+    )
+    if name == FLOOR:
+        model.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)  # something must need grad for backward to run
+    else:
+        model = with_lora(model, s.family, r=case.rank, alpha=settings.lora_alpha, dropout=case.dropout, seed=settings.seed)
+    return model.to(settings.device).train()
+
+
+def compile_for(name: str, model: nn.Module, settings: Settings) -> nn.Module:
+    """torch.compile once per contestant per case; with inner="aot_eager" every compiler skips codegen."""
+    if name == "peft-eager":
+        return model
+    if name == "fxlora":
+        return torch.compile(model, backend="fxlora", options=fxlora_options(settings))
+    if settings.inner == "aot_eager":
+        return torch.compile(model, backend="aot_eager")
+    return torch.compile(model)
+
+
+def fxlora_options(settings: Settings) -> dict[str, Any]:
+    """The user's options, with the inner compiler forced when the whole run falls back from Inductor."""
+    options = dict(settings.fxlora_options)
+    if settings.inner != "inductor":
+        options["inner"] = settings.inner
+    return options
+
+
+def build_contestant(name: str, case: Case, settings: Settings) -> Contestant:
+    model = build_model(name, case, settings)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    storages = frozenset(t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()))
+    return Contestant(
+        name=name,
+        model=compile_for(name, model, settings),
+        optimizer=torch.optim.AdamW(trainable, lr=settings.lr),
+        param_storages=storages,
+        result=Measurement(name, case.seq, case.rank, case.dropout),
+    )
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def train_step(c: Contestant, batch: Mapping[str, torch.Tensor], settings: Settings, seed: int) -> float:
+    """Forward, backward, AdamW step; the seed first so every contestant draws the same dropout stream.
+
+    (Compiled dropout uses Inductor's RNG, so masks still differ between eager and
+    compiled contestants; they are equally random, which is what fairness needs here.)
+    """
+    c.optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with autocast(settings):
+        loss = c.model(**batch).loss
+    loss.backward()
+    c.optimizer.step()
+    return loss.item()
+
+
+def autocast(settings: Settings):
+    if settings.dtype == "bf16":
+        return torch.autocast(device_type=torch.device(settings.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed_step(c: Contestant, batch, settings: Settings, seed: int) -> tuple[float, float]:
+    """(milliseconds, loss) of one step; synchronises on a GPU so the time is the work's, not the launch's."""
+    _sync(settings)
+    start = time.perf_counter()
+    loss = train_step(c, batch, settings, seed)
+    _sync(settings)
+    return (time.perf_counter() - start) * 1e3, loss
+
+
+def _sync(settings: Settings) -> None:
+    if torch.device(settings.device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class SavedBytes:
+    """Counts what autograd saves for backward: each storage once, fake tensors (tracing) skipped.
+
+    Compiled graphs save through the same hooks, so eager and compiled contestants are
+    counted alike. Parameter storages are tallied apart: they are alive anyway.
+    """
+
+    def __init__(self, param_storages: frozenset[int]):
+        self.param_storages = param_storages
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not _is_fake(t):
+            storage = t.untyped_storage()
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(n for ptr, n in self.storages.items() if ptr not in self.param_storages)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(n for ptr, n in self.storages.items() if ptr in self.param_storages)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def probe_step(c: Contestant, batch, settings: Settings, seed: int) -> None:
+    """An untimed step under saved_tensors_hooks (the hooks cost time, so never on a timed step)."""
+    counter = SavedBytes(c.param_storages)
+    is_cuda = torch.device(settings.device).type == "cuda"
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    c.optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), autocast(settings):
+        loss = c.model(**batch).loss
+    loss.backward()
+    c.optimizer.step()
+    c.result.saved_bytes = counter.activation_bytes
+    c.result.saved_param_bytes = counter.param_bytes
+    if is_cuda:
+        c.result.peak_bytes = torch.cuda.max_memory_allocated()
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def measure_case(case: Case, settings: Settings, progress: Progress = Progress()) -> list[Measurement]:
+    """All contestants on one case, interleaved step by step; compiled state is dropped afterwards."""
+    torch._dynamo.reset()
+    batch = {k: v.to(settings.device) for k, v in token_batch(settings.shape.batch, case.seq, settings.shape.vocab, settings.seed).items()}
+    failed: list[Measurement] = []
+    alive: list[Contestant] = []
+    for name in settings.contestants:
+        progress.start(f"{case.label()} {name}: compile")
+        try:
+            c = build_contestant(name, case, settings)
+            first_step(c, batch, settings)
+            alive.append(c)
+        except Exception as err:  # one broken contestant must not cost the whole sweep
+            failed.append(Measurement(name, case.seq, case.rank, case.dropout, error=f"{type(err).__name__}: {err}"))
+        progress.done()
+
+    for i in range(1, settings.warmup):
+        _round(alive, progress, f"{case.label()} warm-up", lambda c: train_step(c, batch, settings, settings.seed + i))
+    _round(alive, progress, f"{case.label()} saved bytes", lambda c: probe_step(c, batch, settings, settings.seed + settings.warmup))
+    gc.collect()
+    for i in range(settings.steps):
+        seed = settings.seed + settings.warmup + 1 + i
+        _round(_rotated(alive, i), progress, f"{case.label()} timed", lambda c: c.result.step_ms_all.append(timed_step(c, batch, settings, seed)[0]))
+    for c in alive:
+        _summarise(c.result)
+
+    results = sorted([c.result for c in alive] + failed, key=lambda m: settings.contestants.index(m.contestant))
+    _skip_progress(progress, len(failed) * (settings.warmup + settings.steps))
+    del alive, batch
+    gc.collect()
+    torch._dynamo.reset()
+    return results
+
+
+def first_step(c: Contestant, batch, settings: Settings) -> None:
+    """The step that compiles: its time and its loss (weights still untouched, so comparable across contestants)."""
+    reports_before = _fxlora_report_count() if c.name == "fxlora" else None
+    c.result.first_step_ms, c.result.first_loss = timed_step(c, batch, settings, settings.seed)
+    if reports_before is not None:
+        c.result.fxlora_sites = _fxlora_sites_since(reports_before)
+
+
+def _round(contestants: Sequence[Contestant], progress: Progress, label: str, step: Callable[[Contestant], Any]) -> None:
+    for c in contestants:
+        progress.start(f"{label}: {c.name}")
+        step(c)
+        progress.done()
+
+
+def _rotated(items: Sequence, i: int) -> list:
+    """A different contestant goes first each round, so none always runs on a cold cache."""
+    k = i % len(items) if items else 0
+    return [*items[k:], *items[:k]]
+
+
+def _summarise(m: Measurement) -> None:
+    m.step_ms = statistics.median(m.step_ms_all)
+    m.compile_s = (m.first_step_ms - m.step_ms) / 1e3
+
+
+def _skip_progress(progress: Progress, n: int) -> None:
+    for _ in range(n):
+        progress.done()
+
+
+def _fxlora_report_count() -> Optional[int]:
+    """fxlora keeps its recent graph reports; counting them brackets what one compile produced."""
+    try:
+        import fxlora
+
+        return len(fxlora.last_report().graphs)
+    except Exception:
+        return None
+
+
+def _fxlora_sites_since(before: Optional[int]) -> Optional[int]:
+    try:
+        import fxlora
+
+        graphs = fxlora.last_report().graphs
+        return sum(len(g.sites) for g in graphs[before:]) if before is not None else None
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- derived figures
+
+
+def derive(measurements: Iterable[Measurement]) -> None:
+    """Fill ratios against the best peer and the adapter tax, per case and per figure."""
+    by_case: dict[Case, dict[str, Measurement]] = {}
+    for m in measurements:
+        if m.error is None:
+            by_case.setdefault(m.case, {})[m.contestant] = m
+    for group in by_case.values():
+        for figure, ratio, tax in (("step_ms", "time_ratio", "time_tax"), ("saved_bytes", "saved_ratio", "saved_tax")):
+            peer = _best_peer(group, figure)
+            floor = getattr(group[FLOOR], figure) if FLOOR in group else None
+            for m in group.values():
+                value = getattr(m, figure)
+                setattr(m, ratio, value / peer if peer else None)
+                setattr(m, tax, adapter_tax(value, floor, peer))
+
+
+def _best_peer(group: Mapping[str, Measurement], figure: str) -> Optional[float]:
+    values = [getattr(group[p], figure) for p in PEERS if p in group]
+    return min(values) if values else None
+
+
+def adapter_tax(value: float, floor: Optional[float], peer: Optional[float]) -> Optional[float]:
+    """(value - floor) / (peer - floor): 1.0 costs what the best peer's adapters cost, 0.0 costs nothing.
+
+    Undefined (None) without a floor or a peer, or when the peer is not above the floor
+    (noise on tiny shapes), since the ratio would then mean nothing.
+    """
+    if floor is None or peer is None or peer - floor <= 0:
+        return None
+    return (value - floor) / (peer - floor)
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def sweep_cases(seqs: Iterable[int], ranks: Iterable[int], dropouts: Iterable[float]) -> list[Case]:
+    """Ordered so a rank/dropout pair's seqs run together: short configs first, failures show early."""
+    return [Case(s, r, p) for r in ranks for p in dropouts for s in seqs]
+
+
+def run_sweep(cases: Sequence[Case], settings: Settings, progress: Progress = Progress()) -> BenchResult:
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t0 = time.perf_counter()
+    measurements: list[Measurement] = []
+    for case in cases:
+        measurements.extend(measure_case(case, settings, progress))
+    derive(measurements)
+    return BenchResult(
+        machine=machine_info(settings),
+        settings=settings_record(settings, cases),
+        measurements=measurements,
+        started=started,
+        duration_s=time.perf_counter() - t0,
+    )
+
+
+def settings_record(settings: Settings, cases: Sequence[Case]) -> dict[str, Any]:
+    record = asdict(settings)
+    record["fxlora_options"] = dict(settings.fxlora_options)
+    record["fxlora_options_used"] = fxlora_options(settings)
+    record["contestants"] = list(settings.contestants)
+    record["seqs"] = sorted({c.seq for c in cases})
+    record["ranks"] = sorted({c.rank for c in cases})
+    record["dropouts"] = sorted({c.dropout for c in cases})
+    record["lora_targets"] = "all-linear"
+    record["optimizer"] = f"AdamW(lr={settings.lr}) on trainable parameters"
+    record["compile_caches"] = _compile_caches()
+    return record
+
+
+def _compile_caches() -> dict[str, bool]:
+    """Warm on-disk caches make compile time look small; say whether they were on."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    return {
+        "fx_graph_cache": bool(inductor_config.fx_graph_cache),
+        "autograd_cache": bool(getattr(functorch_config, "enable_autograd_cache", False)),
+    }
+
+
+def machine_info(settings: Settings) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "fxlora_commit": _git_commit(),
+        "device": settings.device,
+    }
+    if torch.device(settings.device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    for pkg in ("transformers", "peft"):
+        with contextlib.suppress(Exception):
+            info[pkg] = __import__(pkg).__version__
+    return info
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except Exception:
+        return None

@@ -1,0 +1,77 @@
+"""The backend end to end: entry point, hand-off to the inner compiler, equality with plain torch.compile."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxlora
+from fxlora.bench.models import tiny_model, token_batch, with_lora
+from tests.helpers import assert_same_step, loss_and_grads
+
+
+def test_backend_name_works_without_importing_fxlora():
+    script = textwrap.dedent(
+        """
+        import torch
+        m = torch.nn.Linear(8, 8)
+        out = torch.compile(m, backend="fxlora", options={"inner": "eager"})(torch.randn(2, 8))
+        print(tuple(out.shape))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(2, 8)"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_aot_eager_equals_eager(dropout):
+    model = with_lora(tiny_model("llama", layers=1), "llama", r=4, dropout=dropout)
+    batch = token_batch(2, 16)
+    torch.manual_seed(1)
+    ref = loss_and_grads(model, batch)
+    compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager"})
+    torch.manual_seed(1)
+    assert_same_step(ref, loss_and_grads(compiled, batch))
+
+
+@pytest.mark.inductor
+def test_inductor_hand_off_equals_plain_inductor():
+    """With nothing rewritten, fxlora + Inductor must be plain torch.compile: same loss, same gradients."""
+    model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
+    batch = token_batch(2, 16)
+    plain = loss_and_grads(torch.compile(model), batch)
+    torch._dynamo.reset()
+    ours = loss_and_grads(torch.compile(model, backend="fxlora"), batch)
+    assert_same_step(plain, ours)
+    assert len(fxlora.last_report().graphs[-1].sites) == 7
+
+
+def test_last_report_and_graph_dumps(tmp_path):
+    fxlora.clear_reports()
+    model = with_lora(tiny_model("llama", layers=1), "llama", r=4, targets="attention")
+    compiled = torch.compile(model, backend="fxlora", options={"inner": "eager", "dump_graphs": str(tmp_path)})
+    compiled(**token_batch(1, 8))
+    report = fxlora.last_report()
+    assert len(report.sites) == 4
+    dumped = sorted(os.listdir(tmp_path))
+    assert any(f.endswith(".before.txt") for f in dumped) and any(f.endswith(".report.txt") for f in dumped)
+    assert "4 LoRA sites" in (tmp_path / [f for f in dumped if f.endswith(".report.txt")][0]).read_text()
+
+
+def test_matching_failure_falls_back_to_untouched_graph(monkeypatch):
+    import fxlora.backend as backend
+
+    def broken(gm):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(backend, "find_lora_sites", broken)
+    model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
+    batch = token_batch(1, 8)
+    ref = loss_and_grads(model, batch)
+    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "eager"}), batch)
+    assert_same_step(ref, got)
+    assert "matching failed (RuntimeError: boom)" in str(fxlora.last_report())
