@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from fxlora.config import Config, check_mode
 from fxlora.explain import GraphReport, record
-from fxlora.passes import find_lora_sites
+from fxlora.passes import find_lora_sites, rewrite_lora_sites
 
 log = logging.getLogger("fxlora")
 
@@ -44,12 +44,19 @@ def compile_graph(
     """Run fxlora's passes on `gm`, report them, then hand the graph to the inner compiler."""
     compile_id = _compile_id()
     before = gm.code
+    match, decisions, fallback = None, [], None
     try:
         match = find_lora_sites(gm)
-        fallback = None
+        if match.sites:
+            # Rewrite a copy: if anything goes wrong the untouched graph is still at hand.
+            candidate = fx.GraphModule(gm, _copy_graph(gm))
+            match = find_lora_sites(candidate)
+            decisions = rewrite_lora_sites(candidate, match, config)
+            gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
-        log.warning("fxlora: matching failed on graph %s (%s: %s); compiling it untouched", compile_id, type(err).__name__, err)
-        match, fallback = None, f"matching failed ({type(err).__name__}: {err})"
+        log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
+        fallback = f"passes failed ({type(err).__name__}: {err})"
+        decisions = []
     report = GraphReport(
         compile_id=compile_id,
         num_nodes=len(gm.graph.nodes),
@@ -57,9 +64,13 @@ def compile_graph(
         graph_before=before,
         graph_after=gm.code,
         fallback=fallback,
+        decisions=decisions,
     )
     if match is not None:
-        log.info("fxlora: graph %s: %d LoRA sites, %d rejected", compile_id, len(match.sites), len(match.rejections))
+        log.info(
+            "fxlora: graph %s: %d LoRA sites, %d rewritten, %d rejected",
+            compile_id, len(match.sites), sum(d.rewritten for d in decisions), len(match.rejections),
+        )
     on_report(report)
     if config.dump_graphs:
         _dump(report, config.dump_graphs)
@@ -79,6 +90,15 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, config: Config, mode: Opt
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(config.inductor)
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+    """A node-for-node copy of gm's graph (metadata included) that shares gm's attributes."""
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = gm.graph._codegen
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
 
 
 def _compile_id() -> str:

@@ -8,11 +8,13 @@ with a message that names it and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Union
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+OBJECTIVES = ("saved_bytes", "flops")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -27,11 +29,21 @@ class Config:
         on top of what `mode=` implies, as `torch.compile(options=...)` would.
     dump_graphs: a directory; each compiled graph is written there before and after
         fxlora's passes (`<compile id>.before.txt` / `.after.txt`).
+    rewrite: replace LoRA sites by the chosen exact form (False: match and report only).
+    objective: "saved_bytes" (default) picks the fewest saved-for-backward bytes among
+        forms within `flop_budget` of the cheapest FLOPs; "flops" picks the fewest FLOPs.
+    flop_budget: the FLOP slack "saved_bytes" may spend, as a fraction (0.1 = 10%).
+    force_form: "f<forward>/b<backward>" (e.g. "f1/b5") for every site where it is legal;
+        for tests and experiments, the report says where it could not apply.
     """
 
     inner: str = "inductor"
     inductor: Mapping[str, Any] = field(default_factory=dict)
     dump_graphs: Optional[str] = None
+    rewrite: bool = True
+    objective: str = "saved_bytes"
+    flop_budget: float = 0.1
+    force_form: Optional[str] = None
 
     def __post_init__(self):
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -46,6 +58,15 @@ class Config:
                 "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
             )
         object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
+        if not isinstance(self.rewrite, bool):
+            raise ValueError(f"fxlora option 'rewrite' must be True or False, got {self.rewrite!r}")
+        _check_choice("objective", self.objective, OBJECTIVES)
+        if isinstance(self.flop_budget, bool) or not isinstance(self.flop_budget, (int, float)) or self.flop_budget < 0:
+            raise ValueError(f"fxlora option 'flop_budget' must be a number >= 0 (0.1 = 10%), got {self.flop_budget!r}")
+        if self.force_form is not None and self.forced_form() is None:
+            raise ValueError(
+                f"fxlora option 'force_form' must look like 'f1/b5' (forward 1-2, backward 1-8), got {self.force_form!r}"
+            )
         if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
             raise ValueError(
                 f"fxlora option 'dump_graphs' must be a directory path (str) or None, got {self.dump_graphs!r}"
@@ -67,6 +88,10 @@ class Config:
             if key not in allowed:
                 raise ValueError(f"unknown fxlora option {key!r}; allowed options: {', '.join(allowed)}")
         return cls(**options)
+
+    def forced_form(self) -> Optional[tuple[int, int]]:
+        found = re.fullmatch(r"f([12])/b([1-8])", self.force_form) if isinstance(self.force_form, str) else None
+        return (int(found[1]), int(found[2])) if found else None
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

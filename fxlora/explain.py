@@ -24,6 +24,7 @@ class GraphReport:
     graph_before: str
     graph_after: str
     fallback: Optional[str] = None  # why the graph was left untouched, when it was
+    decisions: list = field(default_factory=list)  # fxlora.passes.Decision per site
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -150,7 +151,62 @@ def _format_graph(g: GraphReport) -> list[str]:
         lines.append("  rejected (LoRA-like, not provably a site; left untouched):")
         for r in m.rejections:
             lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
+    if g.decisions:
+        lines += _format_decisions(g.decisions)
     if g.fallback:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
+    return lines
+
+
+def _num(expr) -> str:
+    try:
+        v = int(expr)
+    except TypeError:
+        return str(expr)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return str(v)
+
+
+def _mib(expr) -> str:
+    try:
+        return f"{int(expr) / 2**20:.2f} MiB"
+    except TypeError:
+        return str(expr)
+
+
+def _format_decisions(decisions) -> list[str]:
+    rows = []
+    for d in decisions:
+        if d.chosen is None:
+            rows.append((str(d.site), "-", "-", "-", "-", "not rewritten: " + d.reason))
+        else:
+            rows.append((
+                str(d.site), d.chosen.form.name, _num(d.chosen.flops), _mib(d.chosen.saved_bytes),
+                _mib(d.peft_saved_bytes), d.reason,
+            ))
+    lines = ["  forms (FLOPs of forward+backward; bytes this site saves for backward; PEFT's for comparison):"]
+    lines += _table(rows, ("#", "form", "FLOPs", "saved", "PEFT saved", "why"))
+    # Candidates once per distinct site shape: formulas in T, i, o, r and their values here.
+    by_shape: dict = {}
+    for d in decisions:
+        if d.candidates:
+            by_shape.setdefault(d.shape, []).append(d)
+    for shape, group in by_shape.items():
+        d = group[0]
+        lines.append(
+            f"  candidates for sites {','.join(str(g.site) for g in group)} "
+            f"(T={shape.tokens}, i={shape.in_features}, o={shape.out_features}, r={shape.rank}"
+            + (", A frozen" if not shape.a_trainable else "") + (", dropout" if shape.dropout else "") + "):"
+        )
+        rows = []
+        for c in d.candidates:
+            mark = "*" if d.chosen is not None and c.form == d.chosen.form else ""
+            rows.append((
+                mark + c.form.name, str(c.form.flops), _num(c.flops), str(c.form.saved_bytes),
+                _mib(c.saved_bytes), "" if c.form.legal else "illegal: " + c.form.why_not,
+            ))
+        lines += ["  " + r for r in _table(rows, ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", ""))]
     return lines

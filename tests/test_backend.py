@@ -74,4 +74,4 @@ def test_matching_failure_falls_back_to_untouched_graph(monkeypatch):
     ref = loss_and_grads(model, batch)
     got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "eager"}), batch)
     assert_same_step(ref, got)
-    assert "matching failed (RuntimeError: boom)" in str(fxlora.last_report())
+    assert "passes failed (RuntimeError: boom)" in str(fxlora.last_report())

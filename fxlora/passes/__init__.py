@@ -5,5 +5,6 @@ rewrite passes mutate the graph; matching passes read it. See docs/architecture.
 """
 
 from fxlora.passes.find_lora import find_lora_sites
+from fxlora.passes.rewrite_lora import Decision, rewrite_lora_sites
 
-__all__ = ["find_lora_sites"]
+__all__ = ["Decision", "find_lora_sites", "rewrite_lora_sites"]

@@ -1,0 +1,298 @@
+"""`python -m fxlora.bench` (`make bench`): sweep the LoRA step, write JSON/CSV/Markdown and a plot.
+
+    python -m fxlora.bench                      # the default sweep (fp32, seq 256..2048, r 8/64, p 0/0.05)
+    python -m fxlora.bench --quick              # a tiny sanity sweep, Inductor end to end
+    python -m fxlora.bench --seqs 1024 --ranks 8 --dropouts 0 --long --dtype bf16
+    python -m fxlora.bench --fxlora-options '{"dump_graphs": "dumps"}'
+    make bench BENCH_ARGS="--seqs 256,1024 --contestants peft-inductor,fxlora"
+
+Outputs (tag = a timestamp unless --tag): <out-dir>/lora_<tag>.json (everything, with
+per-step times), .csv (one row per contestant x config), .md (the table, also printed);
+a full run also writes <out-dir>/latest.md and the plot docs/img/bench_lora.png. A
+--quick run leaves those two alone: its plot goes to <out-dir>/lora_quick.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from fxlora.bench.harness import (
+    CONTESTANTS,
+    DTYPES,
+    INNERS,
+    MIB,
+    BenchResult,
+    Measurement,
+    ModelShape,
+    Progress,
+    Settings,
+    measurement_columns,
+    run_sweep,
+    steps_per_case,
+    sweep_cases,
+)
+
+DEFAULT_SEQS = (256, 1024, 2048)
+LONG_SEQ = 4096
+DEFAULT_RANKS = (8, 64)
+DEFAULT_DROPOUTS = (0.0, 0.05)
+DEFAULT_PLOT = os.path.join("docs", "img", "bench_lora.png")
+
+# --quick: a 2-layer model small enough that Inductor's compiles, not the steps, set the pace.
+QUICK_SHAPE = ModelShape(hidden=128, intermediate=344, layers=2, heads=4, vocab=256)
+QUICK_SEQS = (64, 256)
+QUICK_RANKS = (8,)
+QUICK_DROPOUTS = (0.0, 0.05)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m fxlora.bench",
+        description="Side-by-side LoRA training step: floor, peft-eager, peft-inductor, fxlora (see measuring.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sweep = p.add_argument_group("sweep (defaults: the full sweep, or the tiny one with --quick)")
+    sweep.add_argument("--quick", action="store_true", help="tiny sanity sweep: 2-layer hidden-128 model, seq 64/256, rank 8")
+    sweep.add_argument("--seqs", type=_ints, help=f"comma-separated sequence lengths [{_csv(DEFAULT_SEQS)}]")
+    sweep.add_argument("--long", action="store_true", help=f"add seq {LONG_SEQ} to the sweep")
+    sweep.add_argument("--ranks", type=_ints, help=f"comma-separated LoRA ranks [{_csv(DEFAULT_RANKS)}]")
+    sweep.add_argument("--dropouts", type=_floats, help=f"comma-separated LoRA dropouts [{_csv(DEFAULT_DROPOUTS)}]")
+    sweep.add_argument("--contestants", type=_names, default=CONTESTANTS, help=f"comma-separated subset of {_csv(CONTESTANTS)}")
+
+    step = p.add_argument_group("step")
+    step.add_argument("--steps", type=int, default=5, help="timed steps per contestant (median reported; measuring.md wants >= 5)")
+    step.add_argument("--warmup", type=int, default=2, help="warm-up steps, the first of which compiles")
+    step.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32, or bf16 autocast over fp32 weights")
+    step.add_argument("--device", default="cpu", help="torch device")
+    step.add_argument("--seed", type=int, default=0)
+    step.add_argument("--inner", choices=INNERS, default="inductor",
+                      help="aot_eager: compile floor, peft-inductor and fxlora (option inner) without codegen; for smoke tests")
+    step.add_argument("--fxlora-options", type=_json_object, default={}, metavar="JSON",
+                      help="options dict for torch.compile(backend='fxlora', options=...)")
+    step.add_argument("--no-compile-cache", action="store_true",
+                      help="turn off Inductor's FX graph cache and the AOT autograd cache, so compile times are cold")
+
+    model = p.add_argument_group("model (a small random-init Llama)")
+    defaults = ModelShape()
+    for name in ("hidden", "intermediate", "layers", "heads", "vocab", "batch"):
+        model.add_argument(f"--{name}", type=int, help=f"[{getattr(defaults, name)}; quick: {getattr(QUICK_SHAPE, name)}]")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out-dir", default="benchmarks", help="where JSON, CSV and Markdown go")
+    out.add_argument("--tag", help="file name tag [a timestamp; 'quick' with --quick]")
+    out.add_argument("--plot", help=f"PNG path [{DEFAULT_PLOT}; <out-dir>/lora_quick.png with --quick]")
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG (and matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in CONTESTANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown contestants {unknown}; choose from {_csv(CONTESTANTS)}")
+    return names
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"want a JSON object such as '{{}}', got {text!r}")
+    return value
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+# ----------------------------------------------------------------------------- from flags to a sweep
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    base = QUICK_SHAPE if args.quick else ModelShape()
+    overrides = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "batch") if getattr(args, k)}
+    return Settings(
+        shape=ModelShape(**{**_shape_dict(base), **overrides}),
+        dtype=args.dtype,
+        steps=args.steps,
+        warmup=args.warmup,
+        contestants=args.contestants,
+        inner=args.inner,
+        fxlora_options=args.fxlora_options,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def _shape_dict(shape: ModelShape) -> dict[str, Any]:
+    return {k: getattr(shape, k) for k in shape.__dataclass_fields__}
+
+
+def cases_from(args: argparse.Namespace):
+    seqs = args.seqs or (QUICK_SEQS if args.quick else DEFAULT_SEQS)
+    if args.long and LONG_SEQ not in seqs:
+        seqs = (*seqs, LONG_SEQ)
+    ranks = args.ranks or (QUICK_RANKS if args.quick else DEFAULT_RANKS)
+    dropouts = args.dropouts if args.dropouts is not None else (QUICK_DROPOUTS if args.quick else DEFAULT_DROPOUTS)
+    return sweep_cases(seqs, ranks, dropouts)
+
+
+class TqdmProgress(Progress):
+    """One bar over every step of the sweep; the postfix names the case and contestant running."""
+
+    def __init__(self, total: int, disable: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", desc="bench", disable=disable, dynamic_ncols=True)
+
+    def start(self, label: str) -> None:
+        self.bar.set_postfix_str(label, refresh=True)
+
+    def done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def markdown_table(result: BenchResult) -> str:
+    """The table for README: a caption naming machine, torch, dtype and shapes, then one row per measurement."""
+    header = ["seq", "rank", "dropout", "contestant", "step ms", "saved MiB", "time vs best peer",
+              "saved vs best peer", "time tax", "saved tax", "compile s"]
+    lines = [caption(result), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in result.measurements:
+        lines.append("| " + " | ".join(_row_cells(m)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def caption(result: BenchResult) -> str:
+    s, m = result.settings, result.machine
+    shape = s["shape"]
+    return (
+        f"LoRA training step (forward + backward + AdamW) on {m['processor']}, {m['cpu_count']} CPUs "
+        f"({m['torch_threads']} torch threads), {m['device']}; torch {m['torch']}, transformers {m.get('transformers', '?')}, "
+        f"peft {m.get('peft', '?')}, fxlora {m.get('fxlora_commit') or '?'}. {s['dtype']}; random-init "
+        f"{shape['family']} hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, "
+        f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}; LoRA on all linears, alpha {s['lora_alpha']}. "
+        f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
+        f"fxlora options {json.dumps(s['fxlora_options_used'])}. Best peer = better of peft-eager and peft-inductor per figure; "
+        f"tax = (x - floor) / (best peer - floor)."
+    )
+
+
+def _row_cells(m: Measurement) -> list[str]:
+    lead = [str(m.seq), str(m.rank), f"{m.dropout:g}", m.contestant]
+    if m.error:
+        return lead + [f"error: {m.error[:80]}"] + [""] * 6
+    return lead + [
+        f"{m.step_ms:.1f}", f"{m.saved_bytes / MIB:.1f}", _ratio(m.time_ratio), _ratio(m.saved_ratio),
+        _num(m.time_tax), _num(m.saved_tax), f"{m.compile_s:.1f}",
+    ]
+
+
+def _ratio(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def _num(x: Optional[float]) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def write_json(result: BenchResult, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result.to_dict(), f, indent=1, default=str)
+        f.write("\n")
+
+
+def write_csv(result: BenchResult, path: str) -> None:
+    columns = measurement_columns()
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*columns, "saved_mib", "dtype", "torch"])
+        for m in result.measurements:
+            row = [getattr(m, c) for c in columns]
+            writer.writerow([*("" if v is None else v for v in row), m.saved_mib, result.settings["dtype"], result.machine["torch"]])
+
+
+def write_outputs(result: BenchResult, args: argparse.Namespace) -> list[str]:
+    """Write every file the run promises; return their paths for the closing message."""
+    tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"lora_{tag}")
+    table = markdown_table(result)
+    paths = [stem + ".json", stem + ".csv", stem + ".md"]
+    write_json(result, paths[0])
+    write_csv(result, paths[1])
+    _write_text(paths[2], table)
+    if not args.quick:
+        paths.append(os.path.join(args.out_dir, "latest.md"))
+        _write_text(paths[-1], table)
+    if not args.no_plot:
+        from fxlora.bench.plot import plot_result
+
+        plot_path = args.plot or (os.path.join(args.out_dir, "lora_quick.png") if args.quick else DEFAULT_PLOT)
+        plot_result(result, plot_path)
+        paths.append(plot_path)
+    return paths
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.no_compile_cache:
+        _cold_compile_caches()
+    settings = settings_from(args)
+    cases = cases_from(args)
+    if settings.steps < 5 or settings.warmup < 2:
+        print(f"note: {settings.steps} timed / {settings.warmup} warm-up steps is below measuring.md's 5 / 2", file=sys.stderr)
+    progress = TqdmProgress(len(cases) * steps_per_case(settings), disable=args.no_progress)
+    try:
+        result = run_sweep(cases, settings, progress)
+    finally:
+        progress.close()
+    paths = write_outputs(result, args)
+    print(markdown_table(result))
+    print(f"{len(result.measurements)} measurements in {result.duration_s:.0f} s; wrote {', '.join(paths)}")
+    for m in result.errors:
+        print(f"error: {m.contestant} at {m.case.label()}: {m.error}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
+def _cold_compile_caches() -> None:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    functorch_config.enable_autograd_cache = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""`fxlora::lora_linear`: one LoRA linear as a custom op, so fxlora (not autograd) decides
+what is saved for backward and in which order the GEMMs run.
+
+    y = x W^T + b + s * (drop(x) A^T) B^T          W: (out, in), A: (r, in), B: (out, r)
+
+Forward forms (RunLoRA, seed 004, Sec. 3 / Table 1; weight-based form: seed 000 Table 1):
+    1: x W^T + s (x A^T) B^T                  2: x (W + s B A)^T
+Backward forms are RunLoRA's eight bracketings of dA, dB, dX (Table 1); in PEFT's
+layout (A: r x in, B: out x r), with Z1 = dY B and Z2 = dY^T X (out x in):
+    dA: "z1"   s Z1^T X            | "xtdy" s B^T Z2
+    dB: "xa"   s dY^T (X A^T)      | "xtdy" s Z2 A^T
+    dX: "split" dY W + s (Z1 A)    | "merged" dY (W + s B A)
+Neither forward saves X A^T (RunLoRA): backward rebuilds it (2 T r in FLOPs), unless A
+is frozen, where X A^T (T x r) is saved *instead of* X (T x in) (LoRA-FA, seed 001: exact).
+
+Dropout stays exact without keeping a full-size `dropout(x)`: the op returns the CPU/CUDA
+RNG state it drew the mask from, and backward replays the same `bernoulli_` with
+`fxlora::dropout_replay`. Cost: one extra mask draw in backward, no T x in storage.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FORWARD_FORMS = (1, 2)
+# RunLoRA backward k -> (dA bracketing, dB bracketing, dX bracketing)
+BACKWARD_FORMS = {
+    1: ("z1", "xa", "split"),
+    2: ("z1", "xtdy", "split"),
+    3: ("xtdy", "xtdy", "split"),
+    4: ("xtdy", "xtdy", "merged"),
+    5: ("z1", "xa", "merged"),
+    6: ("xtdy", "xa", "split"),
+    7: ("xtdy", "xa", "merged"),
+    8: ("z1", "xtdy", "merged"),
+}
+_NO_TENSOR = (0,)
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _dropout_noise(shape, p: float, dtype: torch.dtype, device) -> Tensor:
+    """The noise `F.dropout` multiplies by: bernoulli(1 - p) / (1 - p), drawn exactly as ATen draws it."""
+    noise = torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p)
+    return noise.div_(1 - p)
+
+
+def _dropped(x: Tensor, noise: Tensor, dtype: torch.dtype) -> Tensor:
+    return (x.to(noise.dtype) * noise).to(dtype)
+
+
+def _base_weight(weight: Tensor, conv1d: bool) -> Tensor:
+    """W as (out, in): GPT-2's Conv1D stores it transposed (fan_in_fan_out)."""
+    return weight.t() if conv1d else weight
+
+
+@torch.library.custom_op("fxlora::lora_linear", mutates_args=())
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: Tensor,
+    dropout_p: float,
+    mask_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    forward_form: int,
+    backward_form: int,
+    conv1d: bool,
+    save_xa: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, x A^T if save_xa else empty, RNG state of the dropout mask if p > 0 else empty)."""
+    W = _base_weight(weight, conv1d).to(base_dtype)
+    A, B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
+    s = scale.to(adapter_dtype)
+    rng = x.new_empty(_NO_TENSOR, dtype=torch.uint8, device="cpu")
+    xa = x.new_empty(_NO_TENSOR, dtype=adapter_dtype)
+    if dropout_p > 0:
+        rng = _rng_state(x.device)
+        x_in = _dropped(x, _dropout_noise(x.shape, dropout_p, mask_dtype, x.device), adapter_dtype)
+    else:
+        x_in = x.to(adapter_dtype)
+    b = None if bias is None else bias.to(base_dtype)
+    if forward_form == 2:  # x (W + s B A)^T: one big GEMM, the merged weight is transient
+        merged = W.to(adapter_dtype) + s * (B @ A)
+        y = torch.nn.functional.linear(x_in, merged.to(base_dtype), b)
+        y = y.to(torch.promote_types(base_dtype, adapter_dtype))
+        xa_full = torch.nn.functional.linear(x_in, A) if save_xa else None
+    else:
+        base = torch.nn.functional.linear(x.to(base_dtype), W, b)
+        xa_full = torch.nn.functional.linear(x_in, A)
+        y = base + s * torch.nn.functional.linear(xa_full, B)
+    if save_xa:
+        xa = xa_full
+    return y, xa, rng
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype, adapter_dtype,
+      forward_form, backward_form, conv1d, save_xa):
+    out_features = weight.shape[1] if conv1d else weight.shape[0]
+    y = x.new_empty((*x.shape[:-1], out_features), dtype=torch.promote_types(base_dtype, adapter_dtype))
+    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else _NO_TENSOR, dtype=adapter_dtype)
+    n = (16 if x.device.type == "cuda" else torch.get_rng_state().numel()) if dropout_p > 0 else 0
+    rng = x.new_empty((n,), dtype=torch.uint8, device="cpu")
+    return y, xa, rng
+
+
+@torch.library.custom_op("fxlora::dropout_replay", mutates_args=())
+def dropout_replay(rng_state: Tensor, like: Tensor, p: float, mask_dtype: torch.dtype) -> Tensor:
+    """The forward's dropout noise, drawn again from the saved RNG state; the caller's RNG is untouched."""
+    devices = [like.device] if like.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=like.device.type):
+        if like.device.type == "cuda":
+            torch.cuda.set_rng_state(rng_state, like.device)
+        else:
+            torch.set_rng_state(rng_state)
+        return _dropout_noise(like.shape, p, mask_dtype, like.device)
+
+
+@dropout_replay.register_fake
+def _(rng_state, like, p, mask_dtype):
+    return torch.empty_like(like, dtype=mask_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_A, lora_B, scale, p, mask_dtype, base_dtype, adapter_dtype,
+     _fwd, bwd, conv1d, save_xa) = inputs
+    _y, xa, rng = output
+    ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, bias is not None)
+    ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = x.dtype, lora_A.dtype, lora_B.dtype
+    # What backward keeps alive: X (or X A^T when A is frozen), the RNG state, and parameters
+    # (which exist anyway). X A^T is never kept alongside X.
+    keep_x = x if not save_xa else None
+    ctx.save_for_backward(keep_x, weight, lora_A, lora_B, scale, xa if save_xa else None, rng if p > 0 else None)
+
+
+def _backward(ctx, dy, _dxa, _drng):
+    p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, has_bias = ctx.conf
+    x, weight, lora_A, lora_B, scale, xa, rng = ctx.saved_tensors
+    need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    dA_by, dB_by, dX_by = BACKWARD_FORMS[bwd]
+
+    A, B, s = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype), scale.to(adapter_dtype)
+    W = _base_weight(weight, conv1d).to(base_dtype)
+    dy_a = dy.to(adapter_dtype).flatten(0, -2)  # (T, out)
+    noise = None
+    if p > 0 and x is not None:
+        noise = dropout_replay(rng, x, p, mask_dtype)
+    x_in = None
+    if x is not None:
+        x_in = (_dropped(x, noise, adapter_dtype) if noise is not None else x.to(adapter_dtype)).flatten(0, -2)
+
+    z1 = dy_a @ B if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # (T, r)
+    z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and not save_xa) else None
+
+    dA = dB = dX = db = None
+    if need_A:
+        dA = (s * (z1.t() @ x_in) if dA_by == "z1" else s * (B.t() @ z2)).to(ctx.A_dtype)
+    if need_B:
+        if save_xa:
+            dB = s * (dy_a.t() @ xa.flatten(0, -2))
+        elif dB_by == "xa":
+            dB = s * (dy_a.t() @ (x_in @ A.t()))
+        else:
+            dB = s * (z2 @ A.t())
+        dB = dB.to(ctx.B_dtype)
+    if need_x:
+        dy_b = dy.to(base_dtype)
+        if dX_by == "merged":
+            merged = W.to(adapter_dtype) + s * (B @ A)
+            dX = dy_b @ merged.to(base_dtype)
+        else:
+            adapter_dx = (s * (z1 @ A)).view(*dy.shape[:-1], -1)
+            if noise is not None:
+                adapter_dx = adapter_dx * noise
+            dX = dy_b @ W + adapter_dx
+        dX = dX.to(ctx.x_dtype)
+    if need_b and has_bias:
+        db = dy.flatten(0, -2).sum(0)
+    return dX, None, db, dA, dB, None, None, None, None, None, None, None, None, None
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)
