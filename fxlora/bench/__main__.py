@@ -1,9 +1,10 @@
 """`python -m fxlora.bench` (`make bench`): sweep the LoRA step, write JSON/CSV/Markdown and a plot.
 
-    python -m fxlora.bench                      # the default sweep (fp32, seq 256..2048, r 8/64, p 0/0.05)
-    python -m fxlora.bench --quick              # a tiny sanity sweep, Inductor end to end
+    python -m fxlora.bench                               # the full sweep: fp32, seq 256..2048, r 8/64, p 0/0.05
+    python -m fxlora.bench --quick                       # a tiny sanity sweep, Inductor end to end
     python -m fxlora.bench --seqs 1024 --ranks 8 --dropouts 0 --long --dtype bf16
     python -m fxlora.bench --fxlora-options '{"dump_graphs": "dumps"}'
+    python -m fxlora.bench --from-json benchmarks/lora_<tag>.json   # redraw table and plot, measure nothing
     make bench BENCH_ARGS="--seqs 256,1024 --contestants peft-inductor,fxlora"
 
 Outputs (tag = a timestamp unless --tag): <out-dir>/lora_<tag>.json (everything, with
@@ -15,11 +16,13 @@ a full run also writes <out-dir>/latest.md and the plot docs/img/bench_lora.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -28,6 +31,7 @@ from fxlora.bench.harness import (
     DTYPES,
     INNERS,
     MIB,
+    NOISY_SPREAD,
     BenchResult,
     Measurement,
     ModelShape,
@@ -56,7 +60,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m fxlora.bench",
         description="Side-by-side LoRA training step: floor, peft-eager, peft-inductor, fxlora (see measuring.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sweep = p.add_argument_group("sweep (defaults: the full sweep, or the tiny one with --quick)")
     sweep.add_argument("--quick", action="store_true", help="tiny sanity sweep: 2-layer hidden-128 model, seq 64/256, rank 8")
@@ -64,20 +67,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sweep.add_argument("--long", action="store_true", help=f"add seq {LONG_SEQ} to the sweep")
     sweep.add_argument("--ranks", type=_ints, help=f"comma-separated LoRA ranks [{_csv(DEFAULT_RANKS)}]")
     sweep.add_argument("--dropouts", type=_floats, help=f"comma-separated LoRA dropouts [{_csv(DEFAULT_DROPOUTS)}]")
-    sweep.add_argument("--contestants", type=_names, default=CONTESTANTS, help=f"comma-separated subset of {_csv(CONTESTANTS)}")
+    sweep.add_argument("--contestants", type=_names, default=CONTESTANTS, help=f"comma-separated subset of [{_csv(CONTESTANTS)}]")
 
     step = p.add_argument_group("step")
-    step.add_argument("--steps", type=int, default=5, help="timed steps per contestant (median reported; measuring.md wants >= 5)")
-    step.add_argument("--warmup", type=int, default=2, help="warm-up steps, the first of which compiles")
-    step.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32, or bf16 autocast over fp32 weights")
-    step.add_argument("--device", default="cpu", help="torch device")
-    step.add_argument("--seed", type=int, default=0)
+    step.add_argument("--steps", type=int, default=5, help="timed steps per contestant, median reported; measuring.md wants >= 5 [%(default)s]")
+    step.add_argument("--warmup", type=int, default=2, help="warm-up steps, the first of which compiles [%(default)s]")
+    step.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32, or bf16 autocast over fp32 weights [%(default)s]")
+    step.add_argument("--device", default="cpu", help="torch device [%(default)s]")
+    step.add_argument("--seed", type=int, default=0, help="seeds weights, batch and dropout [%(default)s]")
     step.add_argument("--inner", choices=INNERS, default="inductor",
-                      help="aot_eager: compile floor, peft-inductor and fxlora (option inner) without codegen; for smoke tests")
+                      help="aot_eager: compile floor, peft-inductor and fxlora (option inner) without codegen; for smoke tests [%(default)s]")
     step.add_argument("--fxlora-options", type=_json_object, default={}, metavar="JSON",
-                      help="options dict for torch.compile(backend='fxlora', options=...)")
+                      help="options dict for torch.compile(backend='fxlora', options=...) [{}]")
     step.add_argument("--no-compile-cache", action="store_true",
-                      help="turn off Inductor's FX graph cache and the AOT autograd cache, so compile times are cold")
+                      help="no graph caches and an empty kernel cache dir, so compile times are cold")
 
     model = p.add_argument_group("model (a small random-init Llama)")
     defaults = ModelShape()
@@ -85,11 +88,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         model.add_argument(f"--{name}", type=int, help=f"[{getattr(defaults, name)}; quick: {getattr(QUICK_SHAPE, name)}]")
 
     out = p.add_argument_group("output")
-    out.add_argument("--out-dir", default="benchmarks", help="where JSON, CSV and Markdown go")
+    out.add_argument("--out-dir", default="benchmarks", help="where JSON, CSV and Markdown go [%(default)s]")
     out.add_argument("--tag", help="file name tag [a timestamp; 'quick' with --quick]")
     out.add_argument("--plot", help=f"PNG path [{DEFAULT_PLOT}; <out-dir>/lora_quick.png with --quick]")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG (and matplotlib)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--from-json", metavar="PATH", help="measure nothing: redraw table and plot from a saved lora_<tag>.json")
     return p.parse_args(argv)
 
 
@@ -197,8 +201,14 @@ def caption(result: BenchResult) -> str:
         f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}; LoRA on all linears, alpha {s['lora_alpha']}. "
         f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
         f"fxlora options {json.dumps(s['fxlora_options_used'])}. Best peer = better of peft-eager and peft-inductor per figure; "
-        f"tax = (x - floor) / (best peer - floor)."
+        f"tax = (x - floor) / (best peer - floor). Saved = bytes saved for backward, parameters excluded. "
+        f"* = timed steps spread over {NOISY_SPREAD:.0%} of the median (busy machine?); load average "
+        f"{_load(m.get('loadavg_before'))} before, {_load(m.get('loadavg_after'))} after."
     )
+
+
+def _load(load) -> str:
+    return "?" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
 def _row_cells(m: Measurement) -> list[str]:
@@ -206,8 +216,8 @@ def _row_cells(m: Measurement) -> list[str]:
     if m.error:
         return lead + [f"error: {m.error[:80]}"] + [""] * 6
     return lead + [
-        f"{m.step_ms:.1f}", f"{m.saved_bytes / MIB:.1f}", _ratio(m.time_ratio), _ratio(m.saved_ratio),
-        _num(m.time_tax), _num(m.saved_tax), f"{m.compile_s:.1f}",
+        f"{m.step_ms:.1f}" + ("*" if m.noisy else ""), f"{m.saved_bytes / MIB:.1f}", _ratio(m.time_ratio), _ratio(m.saved_ratio),
+        _num(m.time_tax), _num(m.saved_tax), f"{m.compile_s:.1f}".replace("-0.0", "0.0"),
     ]
 
 
@@ -267,8 +277,15 @@ def _write_text(path: str, text: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.no_compile_cache:
-        _cold_compile_caches()
+    with contextlib.ExitStack() as stack:
+        if args.no_compile_cache:
+            _cold_compile_caches(stack.enter_context(tempfile.TemporaryDirectory(prefix="fxlora-bench-inductor-")))
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        return redraw(args)
     settings = settings_from(args)
     cases = cases_from(args)
     if settings.steps < 5 or settings.warmup < 2:
@@ -286,10 +303,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if result.errors else 0
 
 
-def _cold_compile_caches() -> None:
+def redraw(args: argparse.Namespace) -> int:
+    """Table to stdout (and --out-dir's latest.md unless --quick), plot to --plot or the default; no measuring."""
+    with open(args.from_json) as f:
+        result = BenchResult.from_dict(json.load(f))
+    table = markdown_table(result)
+    print(table)
+    if not args.quick:
+        os.makedirs(args.out_dir, exist_ok=True)
+        _write_text(os.path.join(args.out_dir, "latest.md"), table)
+    if not args.no_plot:
+        from fxlora.bench.plot import plot_result
+
+        plot_result(result, args.plot or DEFAULT_PLOT)
+    return 0
+
+
+def _cold_compile_caches(cache_dir: str) -> None:
+    """No graph caches and an empty kernel cache directory: every compile of the run starts cold."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     inductor_config.fx_graph_cache = False
     functorch_config.enable_autograd_cache = False
 

@@ -40,6 +40,7 @@ CONTESTANTS = (FLOOR, *PEERS, "fxlora")
 DTYPES = ("fp32", "bf16")
 INNERS = ("inductor", "aot_eager")
 MIB = 2**20
+NOISY_SPREAD = 0.25  # (max - min) / median of the timed steps above which a step time is flagged noisy
 
 
 # ----------------------------------------------------------------------------- what to run
@@ -117,6 +118,7 @@ class Measurement:
     dropout: float
     step_ms: float = float("nan")  # median of the timed steps
     step_ms_all: list[float] = field(default_factory=list)
+    step_spread: float = float("nan")  # (max - min) / median: another process on the cores shows up here
     first_step_ms: float = float("nan")
     compile_s: float = float("nan")  # first step minus the median step
     saved_bytes: int = 0  # saved for backward, parameters excluded (they live anyway)
@@ -138,6 +140,10 @@ class Measurement:
     def case(self) -> Case:
         return Case(self.seq, self.rank, self.dropout)
 
+    @property
+    def noisy(self) -> bool:
+        return self.step_spread > NOISY_SPREAD
+
 
 @dataclass
 class BenchResult:
@@ -157,6 +163,18 @@ class BenchResult:
             "duration_s": self.duration_s,
             "measurements": [asdict(m) for m in self.measurements],
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BenchResult":
+        """Back from the JSON, so a long sweep's table and plot can be redrawn without rerunning it."""
+        known = {f.name for f in fields(Measurement)}
+        return cls(
+            machine=dict(data["machine"]),
+            settings=dict(data["settings"]),
+            measurements=[Measurement(**{k: v for k, v in m.items() if k in known}) for m in data["measurements"]],
+            started=data["started"],
+            duration_s=data["duration_s"],
+        )
 
     @property
     def errors(self) -> list[Measurement]:
@@ -250,15 +268,17 @@ def build_contestant(name: str, case: Case, settings: Settings) -> Contestant:
 # ----------------------------------------------------------------------------- one step
 
 
-def train_step(c: Contestant, batch: Mapping[str, torch.Tensor], settings: Settings, seed: int) -> float:
+def train_step(c: Contestant, batch: Mapping[str, torch.Tensor], settings: Settings, seed: int,
+               forward_context: Any = None) -> float:
     """Forward, backward, AdamW step; the seed first so every contestant draws the same dropout stream.
 
     (Compiled dropout uses Inductor's RNG, so masks still differ between eager and
     compiled contestants; they are equally random, which is what fairness needs here.)
+    `forward_context` wraps the forward only, where autograd saves tensors.
     """
     c.optimizer.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with autocast(settings):
+    with forward_context or contextlib.nullcontext(), autocast(settings):
         loss = c.model(**batch).loss
     loss.backward()
     c.optimizer.step()
@@ -323,12 +343,7 @@ def probe_step(c: Contestant, batch, settings: Settings, seed: int) -> None:
     is_cuda = torch.device(settings.device).type == "cuda"
     if is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    c.optimizer.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), autocast(settings):
-        loss = c.model(**batch).loss
-    loss.backward()
-    c.optimizer.step()
+    train_step(c, batch, settings, seed, forward_context=torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t))
     c.result.saved_bytes = counter.activation_bytes
     c.result.saved_param_bytes = counter.param_bytes
     if is_cuda:
@@ -395,6 +410,7 @@ def _rotated(items: Sequence, i: int) -> list:
 
 def _summarise(m: Measurement) -> None:
     m.step_ms = statistics.median(m.step_ms_all)
+    m.step_spread = (max(m.step_ms_all) - min(m.step_ms_all)) / m.step_ms
     m.compile_s = (m.first_step_ms - m.step_ms) / 1e3
 
 
@@ -468,18 +484,44 @@ def sweep_cases(seqs: Iterable[int], ranks: Iterable[int], dropouts: Iterable[fl
 
 def run_sweep(cases: Sequence[Case], settings: Settings, progress: Progress = Progress()) -> BenchResult:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_before = _loadavg()
     t0 = time.perf_counter()
+    warm_up_inductor(settings)
     measurements: list[Measurement] = []
     for case in cases:
         measurements.extend(measure_case(case, settings, progress))
     derive(measurements)
+    machine = machine_info(settings)
+    machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
     return BenchResult(
-        machine=machine_info(settings),
+        machine=machine,
         settings=settings_record(settings, cases),
         measurements=measurements,
         started=started,
         duration_s=time.perf_counter() - t0,
     )
+
+
+def warm_up_inductor(settings: Settings) -> None:
+    """Pay Inductor's once-a-process costs (imports, toolchain probe) before a contestant's compile is timed.
+
+    Without this the first compiled contestant of the sweep (the floor) carries them.
+    Kernels compiled for one contestant still serve the next in the same process, so
+    compile times stay indicative: compare them across runs, not within a case.
+    """
+    if settings.inner != "inductor" or set(settings.contestants) <= {"peft-eager"}:
+        return
+    x = torch.randn(64, requires_grad=True, device=settings.device)
+    torch.compile(lambda t: (t.sin() * 2).sum())(x).backward()
+    torch._dynamo.reset()
+
+
+def _loadavg() -> Optional[tuple[float, ...]]:
+    """The 1/5/15-minute load: other work on the cores makes step times meaningless."""
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return None
 
 
 def settings_record(settings: Settings, cases: Sequence[Case]) -> dict[str, Any]:

@@ -1,13 +1,12 @@
 """The sweep as one PNG: a row per (rank, dropout), step time and saved MiB against seq, a line per contestant.
 
-The floor is drawn dashed: it is the limit the others approach, not a competitor.
+The floor is drawn dashed: it is the limit the others approach, not a competitor. Step
+times carry bars from the fastest to the slowest timed step.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 from fxlora.bench.harness import CONTESTANTS, MIB, BenchResult, Measurement
 
 STYLE = {  # one look per contestant across every panel
@@ -28,7 +27,8 @@ def plot_result(result: BenchResult, path: str) -> None:
 
     ok = [m for m in result.measurements if m.error is None]
     rows = sorted({(m.rank, m.dropout) for m in ok})
-    fig, axes = plt.subplots(max(1, len(rows)), len(PANELS), figsize=(11, 3.2 * max(1, len(rows)) + 0.8), squeeze=False)
+    height = 3.2 * max(1, len(rows)) + 0.7
+    fig, axes = plt.subplots(max(1, len(rows)), len(PANELS), figsize=(11, height), squeeze=False)
     for row, (rank, dropout) in enumerate(rows):
         for col, (figure, ylabel) in enumerate(PANELS):
             ax = axes[row][col]
@@ -38,9 +38,9 @@ def plot_result(result: BenchResult, path: str) -> None:
             if row == len(rows) - 1:
                 ax.set_xlabel("sequence length (batch %d)" % result.settings["shape"]["batch"])
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(_subtitle(result), fontsize=9, y=0.955)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(_subtitle(result), fontsize=9, y=1 - 0.4 / height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -49,10 +49,15 @@ def plot_result(result: BenchResult, path: str) -> None:
 def _panel(ax, measurements: list[Measurement], figure: str) -> None:
     seqs = sorted({m.seq for m in measurements})
     for name in CONTESTANTS:
-        points = sorted((m.seq, _value(m, figure)) for m in measurements if m.contestant == name)
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name, **STYLE[name])
+        mine = sorted((m for m in measurements if m.contestant == name), key=lambda m: m.seq)
+        if not mine:
+            continue
+        xs = [m.seq for m in mine]
+        ax.plot(xs, [_value(m, figure) for m in mine], label=name, **STYLE[name])
+        if figure == "step_ms":  # the spread of the timed steps: a busy machine shows here, not in the median
+            lo = [m.step_ms - min(m.step_ms_all) for m in mine]
+            hi = [max(m.step_ms_all) - m.step_ms for m in mine]
+            ax.errorbar(xs, [m.step_ms for m in mine], yerr=[lo, hi], fmt="none", ecolor=STYLE[name]["color"], alpha=0.5, capsize=3)
     ax.set_xscale("log", base=2)
     ax.set_xticks(seqs, [str(s) for s in seqs])
     ax.minorticks_off()
@@ -60,7 +65,7 @@ def _panel(ax, measurements: list[Measurement], figure: str) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _value(m: Measurement, figure: str) -> Optional[float]:
+def _value(m: Measurement, figure: str) -> float:
     return m.saved_bytes / MIB if figure == "saved_bytes" else getattr(m, figure)
 
 

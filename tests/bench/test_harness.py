@@ -1,0 +1,80 @@
+"""Smoke test of the benchmark harness: tiny model, aot_eager, structure only (never timings)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from fxlora.bench import __main__ as cli
+from fxlora.bench.harness import CONTESTANTS, Case, ModelShape, Settings, adapter_tax, run_sweep
+
+TINY = ModelShape(hidden=64, intermediate=128, layers=1, heads=4, vocab=128)
+
+
+@pytest.fixture(scope="module")
+def result():
+    settings = Settings(shape=TINY, steps=1, warmup=1, inner="aot_eager")
+    return run_sweep([Case(seq=16, rank=4, dropout=0.0)], settings)
+
+
+def test_every_contestant_measured_on_every_case(result):
+    assert not result.errors, [m.error for m in result.errors]
+    assert [m.contestant for m in result.measurements] == list(CONTESTANTS)
+    for m in result.measurements:
+        assert len(m.step_ms_all) == 1 and m.step_ms > 0 and not math.isnan(m.compile_s)
+        assert m.saved_bytes > 0, m.contestant
+
+
+def test_derived_figures_are_filled(result):
+    for m in result.measurements:
+        assert m.time_ratio is not None and m.saved_ratio is not None
+        assert m.time_ratio > 0 and m.saved_ratio > 0
+    peers = [m for m in result.measurements if m.contestant in ("peft-eager", "peft-inductor")]
+    assert min(m.saved_ratio for m in peers) == pytest.approx(1.0)
+
+
+def test_same_seed_same_weights(result):
+    """Before any optimizer step, the LoRA contestants compute the same loss (no dropout)."""
+    losses = {m.contestant: m.first_loss for m in result.measurements}
+    for name in ("peft-inductor", "fxlora"):
+        assert losses[name] == pytest.approx(losses["peft-eager"], rel=1e-5)
+
+
+def test_record_names_machine_and_shapes(result):
+    assert {"platform", "cpu_count", "torch"} <= set(result.machine)
+    assert result.settings["shape"]["hidden"] == 64 and result.settings["dtype"] == "fp32"
+    assert result.settings["fxlora_options_used"] == {"inner": "aot_eager"}
+
+
+def test_adapter_tax():
+    assert adapter_tax(15.0, floor=10.0, peer=20.0) == pytest.approx(0.5)
+    assert adapter_tax(15.0, floor=10.0, peer=10.0) is None
+    assert adapter_tax(15.0, floor=None, peer=20.0) is None
+
+
+def test_cli_writes_json_csv_markdown_and_plot(tmp_path, capsys):
+    """The whole CLI, with LoRA dropout on so that path is exercised too."""
+    argv = ["--inner", "aot_eager", "--steps", "1", "--warmup", "1", "--seqs", "16", "--ranks", "4", "--dropouts", "0.1",
+            "--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4", "--vocab", "128",
+            "--contestants", "floor,peft-eager,fxlora", "--out-dir", str(tmp_path), "--tag", "t",
+            "--plot", str(tmp_path / "p.png"), "--no-progress"]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "lora_t.json").read_text())
+    assert [m["contestant"] for m in data["measurements"]] == ["floor", "peft-eager", "fxlora"]
+    rows = list(csv.DictReader((tmp_path / "lora_t.csv").open()))
+    assert len(rows) == 3 and int(rows[0]["saved_bytes"]) > 0
+    table = (tmp_path / "latest.md").read_text()
+    assert "| seq | rank | dropout | contestant |" in table and "fxlora" in table
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert "| 16 | 4 | 0.1 | fxlora |" in capsys.readouterr().out
+
+
+def test_cli_redraws_from_json(result, tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps(result.to_dict()))
+    argv = ["--from-json", str(tmp_path / "r.json"), "--out-dir", str(tmp_path), "--plot", str(tmp_path / "p.png")]
+    assert cli.main(argv) == 0
+    assert "| 16 | 4 | 0 | fxlora |" in capsys.readouterr().out
+    assert (tmp_path / "latest.md").exists() and (tmp_path / "p.png").exists()
