@@ -46,6 +46,7 @@ class SiteShape:
     b_trainable: bool = True
     x_needs_grad: bool = True
     dropout: bool = False
+    mixed_dtypes: bool = False  # base and adapter compute in different dtypes (bf16 W, fp32 A/B)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def candidate_forms(shape: SiteShape) -> list[Form]:
                 why_not = "dropout: W x and B A drop(x) read different inputs, no merged weight"
             elif shape.dropout and BACKWARD_FORMS[bwd][2] == "merged":
                 why_not = "dropout: dX of the adapter passes the mask, no merged weight"
+            elif shape.mixed_dtypes and (fwd == 2 or BACKWARD_FORMS[bwd][2] == "merged"):
+                why_not = "base and adapter compute in different dtypes: W + s B A would change the rounding"
             flops = forward_flops(fwd, save_xa) + backward_flops(bwd, shape, save_xa)
             forms.append(Form(fwd, bwd, sympy.expand(flops), saved_bytes(shape, save_xa), not why_not, why_not))
     return forms

@@ -20,7 +20,7 @@ RNG state it drew the mask from, and backward replays the same `bernoulli_` with
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -116,20 +116,22 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype,
 
 
 @torch.library.custom_op("fxlora::dropout_replay", mutates_args=())
-def dropout_replay(rng_state: Tensor, like: Tensor, p: float, mask_dtype: torch.dtype) -> Tensor:
+def dropout_replay(
+    rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """The forward's dropout noise, drawn again from the saved RNG state; the caller's RNG is untouched."""
-    devices = [like.device] if like.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=like.device.type):
-        if like.device.type == "cuda":
-            torch.cuda.set_rng_state(rng_state, like.device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rng_state, device)
         else:
             torch.set_rng_state(rng_state)
-        return _dropout_noise(like.shape, p, mask_dtype, like.device)
+        return _dropout_noise(shape, p, mask_dtype, device)
 
 
 @dropout_replay.register_fake
-def _(rng_state, like, p, mask_dtype):
-    return torch.empty_like(like, dtype=mask_dtype)
+def _(rng_state, shape, p, mask_dtype, device):
+    return torch.empty(shape, dtype=mask_dtype, device=device)
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,6 +140,7 @@ def _setup_context(ctx, inputs, output):
     _y, xa, rng = output
     ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, bias is not None)
     ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = x.dtype, lora_A.dtype, lora_B.dtype
+    ctx.x_shape, ctx.device = x.shape, x.device
     # What backward keeps alive: X (or X A^T when A is frozen), the RNG state, and parameters
     # (which exist anyway). X A^T is never kept alongside X.
     keep_x = x if not save_xa else None
@@ -154,8 +157,8 @@ def _backward(ctx, dy, _dxa, _drng):
     W = _base_weight(weight, conv1d).to(base_dtype)
     dy_a = dy.to(adapter_dtype).flatten(0, -2)  # (T, out)
     noise = None
-    if p > 0 and x is not None:
-        noise = dropout_replay(rng, x, p, mask_dtype)
+    if p > 0:
+        noise = dropout_replay(rng, ctx.x_shape, p, mask_dtype, ctx.device)
     x_in = None
     if x is not None:
         x_in = (_dropped(x, noise, adapter_dtype) if noise is not None else x.to(adapter_dtype)).flatten(0, -2)

@@ -244,8 +244,14 @@ def _op_name(node) -> str:
 
 
 def _autocast_state(graph: fx.Graph) -> dict[fx.Node, str]:
-    """Which nodes run inside `torch.autocast(...)`, as 'device:dtype'."""
-    state, stack = {}, []
+    """Which nodes run inside `torch.autocast(...)`, as 'device:dtype': the region the graph
+    opens, or the one the compiled call itself runs in (Dynamo traces under the caller's state)."""
+    ambient = [
+        f"{d}:{str(torch.get_autocast_dtype(d)).removeprefix('torch.')}"
+        for d in ("cuda", "cpu")
+        if torch.is_autocast_enabled(d)
+    ]
+    state, stack = {}, ambient[:1]
     for node in graph.nodes:
         target = getattr(node.target, "__name__", "")
         if node.op == "call_function" and target == "_enter_autocast":

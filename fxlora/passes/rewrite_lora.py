@@ -85,6 +85,7 @@ def site_shape(site: LoraSite) -> cost.SiteShape:
         b_trainable=site.b_trainable,
         x_needs_grad=bool(getattr(value(site.nodes.x), "requires_grad", True)),
         dropout=site.nodes.dropout is not None and site.dropout_p != 0.0,
+        mixed_dtypes=site.compute_dtype != adapter_dtype,
     )
 
 
