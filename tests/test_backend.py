@@ -78,15 +78,18 @@ def test_matching_failure_falls_back_to_untouched_graph(monkeypatch):
 
 
 @pytest.mark.inductor
-def test_inductor_rewrite_with_dropout_equals_eager_peft():
-    """End to end on Inductor: the rewritten op draws the same dropout masks as eager PEFT."""
+def test_inductor_leaves_dropout_sites_alone_and_says_why():
+    """Known gap (docs/results.md): the replayed-mask form gave a different dA under Inductor,
+    so dropout sites stay graph ops there; equal to plain Inductor, and explain says why."""
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4, dropout=0.1)
     batch = token_batch(2, 16)
-    torch.manual_seed(2)
-    ref = loss_and_grads(model, batch)
-    fxlora.clear_reports()
-    compiled = torch.compile(model, backend="fxlora")
-    torch.manual_seed(2)
-    got = loss_and_grads(compiled, batch)
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(2)
+        ref = loss_and_grads(model, batch)
+        fxlora.clear_reports()
+        torch.manual_seed(2)
+        got = loss_and_grads(torch.compile(model, backend="fxlora"), batch)
     assert_same_step(ref, got, rtol=1e-4, atol=1e-5)
-    assert sum(d.rewritten for d in fxlora.last_report().graphs[-1].decisions) == 7
+    decisions = fxlora.last_report().graphs[-1].decisions
+    assert len(decisions) == 7 and not any(d.rewritten for d in decisions)
+    assert "verified on aot_eager only" in str(fxlora.last_report())

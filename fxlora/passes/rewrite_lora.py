@@ -46,7 +46,7 @@ def rewrite_lora_sites(gm: fx.GraphModule, match: LoraMatch, config: Config) -> 
     decide = _decider(gm)
     decisions = []
     for site in match.sites:
-        why_not = _why_not_rewritable(site)
+        why_not = _why_not_rewritable(site, config)
         if why_not:
             decisions.append(Decision(site.index, None, reason=why_not))
             continue
@@ -97,8 +97,12 @@ def _expr(size) -> sympy.Expr:
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
-def _why_not_rewritable(site: LoraSite) -> str:
+def _why_not_rewritable(site: LoraSite, config: Config) -> str:
     n = site.nodes
+    if site.dropout_p and config.inner == "inductor":
+        # Known gap: under Inductor the replayed-mask backward disagreed with eager PEFT's dA
+        # (tests/test_backend.py). Until that is fixed, never risk a wrong gradient.
+        return "dropout > 0 under Inductor: the replayed-mask form is verified on aot_eager only; kept as graph ops"
     if site.stacked:
         return "stacked on another adapter's sum (multi-adapter): kept as graph ops, exact as PEFT"
     if site.dropout_p is None:
