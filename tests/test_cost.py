@@ -52,3 +52,10 @@ def test_forced_form_and_illegal_force_explained():
     assert best.form.name == "f1/b3" and "forced" in why
     best, why = cost.choose_form(priced, forced=(2, 4))
     assert best.form.forward == 1 and "illegal here (dropout" in why
+
+
+def test_cost_model_and_op_agree_on_the_backward_forms():
+    """Both leaf modules spell RunLoRA's table out (neither imports the other); keep them one table."""
+    from fxlora.ops import lora
+
+    assert cost.BACKWARD_FORMS == lora.BACKWARD_FORMS
