@@ -46,13 +46,12 @@ def compile_graph(
     before = gm.code
     match, decisions, fallback = None, [], None
     try:
-        match = find_lora_sites(gm)
-        if match.sites:
-            # Rewrite a copy: if anything goes wrong the untouched graph is still at hand.
-            candidate = fx.GraphModule(gm, _copy_graph(gm))
-            match = find_lora_sites(candidate)
-            decisions = rewrite_lora_sites(candidate, match, config)
-            gm = candidate
+        # Match and rewrite a copy (one cheap node pass): if anything goes wrong the
+        # untouched graph is still at hand.
+        candidate = fx.GraphModule(gm, _copy_graph(gm))
+        match = find_lora_sites(candidate)
+        decisions = rewrite_lora_sites(candidate, match, config)
+        gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = f"passes failed ({type(err).__name__}: {err})"
