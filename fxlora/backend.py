@@ -73,10 +73,13 @@ def compile_graph(
     on_report(report)
     if config.dump_graphs:
         _dump(report, config.dump_graphs)
-    return _inner_compile(gm, example_inputs, config, mode)
+    rewritten = any(d.rewritten for d in decisions)
+    return _inner_compile(gm, example_inputs, config, mode, rematerialize=config.rematerialize and rewritten)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, config: Config, mode: Optional[str]) -> Callable:
+def _inner_compile(
+    gm: fx.GraphModule, example_inputs, config: Config, mode: Optional[str], rematerialize: bool = False
+) -> Callable:
     if config.inner == "eager":
         return gm.forward
     if config.inner == "aot_eager":
@@ -88,7 +91,13 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, config: Config, mode: Opt
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(config.inductor)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # An adapter's dA needs its input x (a norm output, an activation) in backward. By default
+    # the min-cut partitioner never recomputes a value that backward must materialize, so x
+    # is saved even where it is one cheap pointwise kernel away from tensors saved anyway
+    # (norm input and rstd; gate and up). Lifting that one ban lets the min-cut choose.
+    functorch_patches = {"ban_recompute_materialized_backward": False} if rematerialize else {}
+    with torch._functorch.config.patch(functorch_patches):
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.Graph:

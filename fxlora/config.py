@@ -35,6 +35,11 @@ class Config:
     flop_budget: the FLOP slack "saved_bytes" may spend, as a fraction (0.1 = 10%).
     force_form: "f<forward>/b<backward>" (e.g. "f1/b5") for every site where it is legal;
         for tests and experiments, the report says where it could not apply.
+    rematerialize: on graphs fxlora rewrote, let Inductor's min-cut partitioner recompute
+        in backward the values backward must materialize (each adapter's input x: a norm
+        output, an activation) when that saves bytes, instead of always saving them
+        (`torch._functorch.config.ban_recompute_materialized_backward=False`). Exact; costs
+        a pointwise kernel per recomputed x in backward. Inductor only.
     """
 
     inner: str = "inductor"
@@ -44,6 +49,7 @@ class Config:
     objective: str = "saved_bytes"
     flop_budget: float = 0.1
     force_form: Optional[str] = None
+    rematerialize: bool = True
 
     def __post_init__(self):
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -58,8 +64,9 @@ class Config:
                 "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
             )
         object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
-        if not isinstance(self.rewrite, bool):
-            raise ValueError(f"fxlora option 'rewrite' must be True or False, got {self.rewrite!r}")
+        for flag in ("rewrite", "rematerialize"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"fxlora option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("objective", self.objective, OBJECTIVES)
         if isinstance(self.flop_budget, bool) or not isinstance(self.flop_budget, (int, float)) or self.flop_budget < 0:
             raise ValueError(f"fxlora option 'flop_budget' must be a number >= 0 (0.1 = 10%), got {self.flop_budget!r}")

@@ -15,7 +15,14 @@ is frozen, where X A^T (T x r) is saved *instead of* X (T x in) (LoRA-FA, seed 0
 
 Dropout stays exact without keeping a full-size `dropout(x)`: the op returns the CPU/CUDA
 RNG state it drew the mask from, and backward replays the same `bernoulli_` with
-`fxlora::dropout_replay`. Cost: one extra mask draw in backward, no T x in storage.
+`fxlora::lora_linear_backward`. Cost: one extra mask draw in backward, no T x in storage.
+Under a scheduler free to reorder independent ops (Inductor runs q/k/v's ops in any order),
+each dropout site takes the previous one's RNG output as `after`, so masks are drawn in
+program order, as eager draws them.
+
+Backward is one opaque op too: traced as separate ATen ops, its tangent-free parts (the
+merged weight, X A^T, the replayed mask) would be hoisted into forward by the partitioner
+and saved, which is exactly what the forms are chosen to avoid.
 """
 
 from __future__ import annotations
@@ -77,8 +84,11 @@ def lora_linear(
     backward_form: int,
     conv1d: bool,
     save_xa: bool,
+    after: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, x A^T if save_xa else empty, RNG state of the dropout mask if p > 0 else empty)."""
+    """`after`: ordering only (the previous dropout site's RNG output), never read.
+
+    Returns (y, x A^T if save_xa else empty, RNG state of the dropout mask if p > 0 else empty)."""
     W = _base_weight(weight, conv1d).to(base_dtype)
     A, B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
     s = scale.to(adapter_dtype)
@@ -106,7 +116,7 @@ def lora_linear(
 
 @lora_linear.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype, adapter_dtype,
-      forward_form, backward_form, conv1d, save_xa):
+      forward_form, backward_form, conv1d, save_xa, after=None):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], out_features), dtype=torch.promote_types(base_dtype, adapter_dtype))
     xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else _NO_TENSOR, dtype=adapter_dtype)
@@ -115,10 +125,8 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype,
     return y, xa, rng
 
 
-@torch.library.custom_op("fxlora::dropout_replay", mutates_args=())
-def dropout_replay(
-    rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype, device: torch.device
-) -> Tensor:
+def _replayed_noise(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype,
+                    device: torch.device) -> Tensor:
     """The forward's dropout noise, drawn again from the saved RNG state; the caller's RNG is untouched."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
@@ -129,36 +137,57 @@ def dropout_replay(
         return _dropout_noise(shape, p, mask_dtype, device)
 
 
-@dropout_replay.register_fake
-def _(rng_state, shape, p, mask_dtype, device):
-    return torch.empty(shape, dtype=mask_dtype, device=device)
-
-
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, scale, p, mask_dtype, base_dtype, adapter_dtype,
-     _fwd, bwd, conv1d, save_xa) = inputs
+     _fwd, bwd, conv1d, save_xa, *_after) = inputs
     _y, xa, rng = output
-    ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, bias is not None)
-    ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = x.dtype, lora_A.dtype, lora_B.dtype
-    ctx.x_shape, ctx.device = x.shape, x.device
+    ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, x.dtype)
+    ctx.has_bias = bias is not None
     # What backward keeps alive: X (or X A^T when A is frozen), the RNG state, and parameters
     # (which exist anyway). X A^T is never kept alongside X.
-    keep_x = x if not save_xa else None
-    ctx.save_for_backward(keep_x, weight, lora_A, lora_B, scale, xa if save_xa else None, rng if p > 0 else None)
+    ctx.save_for_backward(None if save_xa else x, weight, lora_A, lora_B, scale, xa if save_xa else None,
+                          rng if p > 0 else None)
 
 
 def _backward(ctx, dy, _dxa, _drng):
-    p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, has_bias = ctx.conf
+    # One opaque op, so the partitioner cannot hoist the tangent-free parts of backward (the
+    # merged weight W + sBA, X A^T, the replayed mask) into forward and save them for us.
     x, weight, lora_A, lora_B, scale, xa, rng = ctx.saved_tensors
     need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    dA_by, dB_by, dX_by = BACKWARD_FORMS[bwd]
+    needs = [need_x, need_b and ctx.has_bias, need_A, need_B]
+    grads = lora_linear_backward(dy, x, weight, lora_A, lora_B, scale, xa, rng, *ctx.conf, needs)
+    dX, db, dA, dB = (g if need else None for g, need in zip(grads, needs))
+    return dX, None, db, dA, dB, None, None, None, None, None, None, None, None, None, None
 
+
+@torch.library.custom_op("fxlora::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    dy: Tensor,
+    x: Optional[Tensor],
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: Tensor,
+    xa: Optional[Tensor],
+    rng: Optional[Tensor],
+    dropout_p: float,
+    mask_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    backward_form: int,
+    conv1d: bool,
+    save_xa: bool,
+    x_dtype: torch.dtype,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dX, db, dA, dB) in RunLoRA backward form `backward_form`; a gradient not in `needs` is empty."""
+    need_x, need_b, need_A, need_B = needs
+    dA_by, dB_by, dX_by = BACKWARD_FORMS[backward_form]
     A, B, s = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype), scale.to(adapter_dtype)
     W = _base_weight(weight, conv1d).to(base_dtype)
+    x_shape = (*dy.shape[:-1], W.shape[1])
     dy_a = dy.to(adapter_dtype).flatten(0, -2)  # (T, out)
-    noise = None
-    if p > 0:
-        noise = dropout_replay(rng, ctx.x_shape, p, mask_dtype, ctx.device)
+    noise = _replayed_noise(rng, x_shape, dropout_p, mask_dtype, dy.device) if dropout_p > 0 else None
     x_in = None
     if x is not None:
         x_in = (_dropped(x, noise, adapter_dtype) if noise is not None else x.to(adapter_dtype)).flatten(0, -2)
@@ -166,9 +195,9 @@ def _backward(ctx, dy, _dxa, _drng):
     z1 = dy_a @ B if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # (T, r)
     z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and not save_xa) else None
 
-    dA = dB = dX = db = None
+    dX, db, dA, dB = (dy.new_empty(_NO_TENSOR) for _ in range(4))
     if need_A:
-        dA = (s * (z1.t() @ x_in) if dA_by == "z1" else s * (B.t() @ z2)).to(ctx.A_dtype)
+        dA = (s * (z1.t() @ x_in) if dA_by == "z1" else s * (B.t() @ z2)).to(lora_A.dtype)
     if need_B:
         if save_xa:
             dB = s * (dy_a.t() @ xa.flatten(0, -2))
@@ -176,21 +205,33 @@ def _backward(ctx, dy, _dxa, _drng):
             dB = s * (dy_a.t() @ (x_in @ A.t()))
         else:
             dB = s * (z2 @ A.t())
-        dB = dB.to(ctx.B_dtype)
+        dB = dB.to(lora_B.dtype)
     if need_x:
         dy_b = dy.to(base_dtype)
         if dX_by == "merged":
             merged = W.to(adapter_dtype) + s * (B @ A)
             dX = dy_b @ merged.to(base_dtype)
         else:
-            adapter_dx = (s * (z1 @ A)).view(*dy.shape[:-1], -1)
+            adapter_dx = (s * (z1 @ A)).view(x_shape)
             if noise is not None:
                 adapter_dx = adapter_dx * noise
             dX = dy_b @ W + adapter_dx
-        dX = dX.to(ctx.x_dtype)
-    if need_b and has_bias:
+        dX = dX.to(x_dtype)
+    if need_b:
         db = dy.flatten(0, -2).sum(0)
-    return dX, None, db, dA, dB, None, None, None, None, None, None, None, None, None
+    return dX, db, dA, dB
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, weight, lora_A, lora_B, scale, xa, rng, dropout_p, mask_dtype, base_dtype, adapter_dtype,
+      backward_form, conv1d, save_xa, x_dtype, needs):
+    need_x, need_b, need_A, need_B = needs
+    in_features = weight.shape[0] if conv1d else weight.shape[1]
+    dX = dy.new_empty((*dy.shape[:-1], in_features) if need_x else _NO_TENSOR, dtype=x_dtype if need_x else dy.dtype)
+    db = dy.new_empty((dy.shape[-1],) if need_b else _NO_TENSOR)
+    dA = lora_A.new_empty(lora_A.shape) if need_A else dy.new_empty(_NO_TENSOR)
+    dB = lora_B.new_empty(lora_B.shape) if need_B else dy.new_empty(_NO_TENSOR)
+    return dX, db, dA, dB
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -45,6 +45,7 @@ def rewrite_lora_sites(gm: fx.GraphModule, match: LoraMatch, config: Config) -> 
     """Price every site, rewrite the legal ones in place; returns one Decision per site."""
     decide = _decider(gm)
     decisions = []
+    last_draw: Optional[fx.Node] = None  # RNG output of the previous dropout site: masks drawn in program order
     for site in match.sites:
         why_not = _why_not_rewritable(site, config)
         if why_not:
@@ -58,7 +59,7 @@ def rewrite_lora_sites(gm: fx.GraphModule, match: LoraMatch, config: Config) -> 
         )
         decision = Decision(site.index, shape, priced, None, cost.peft_saved_bytes(shape).subs(_sizes(shape)), why)
         if config.rewrite:
-            _replace_site(gm.graph, site, chosen.form)
+            last_draw = _replace_site(gm.graph, site, chosen.form, last_draw)
             decision.chosen = chosen
         else:
             decision.reason = f"rewrite=False (would choose {chosen.form.name}: {why})"
@@ -99,10 +100,6 @@ def _expr(size) -> sympy.Expr:
 
 def _why_not_rewritable(site: LoraSite, config: Config) -> str:
     n = site.nodes
-    if site.dropout_p and config.inner == "inductor":
-        # Known gap: under Inductor the replayed-mask backward disagreed with eager PEFT's dA
-        # (tests/test_backend.py). Until that is fixed, never risk a wrong gradient.
-        return "dropout > 0 under Inductor: the replayed-mask form is verified on aot_eager only; kept as graph ops"
     if site.stacked:
         return "stacked on another adapter's sum (multi-adapter): kept as graph ops, exact as PEFT"
     if site.dropout_p is None:
@@ -129,8 +126,10 @@ def _scale_tensor_source(scale) -> Optional[fx.Node]:
     return None
 
 
-def _replace_site(graph: fx.Graph, site: LoraSite, form: cost.Form) -> None:
+def _replace_site(graph: fx.Graph, site: LoraSite, form: cost.Form, last_draw: Optional[fx.Node]) -> Optional[fx.Node]:
+    """Returns the node of the RNG state this site drew its mask from (or `last_draw` without dropout)."""
     n = site.nodes
+    draws = bool(site.dropout_p)
     adapter_dtype = value(n.xab).dtype
     mask_dtype = value(n.dropout.args[0]).dtype if n.dropout is not None else adapter_dtype
     save_xa = not site.a_trainable and site.b_trainable
@@ -147,12 +146,16 @@ def _replace_site(graph: fx.Graph, site: LoraSite, form: cost.Form) -> None:
                 mask_dtype, site.compute_dtype, adapter_dtype, form.forward, form.backward,
                 site.base_kind == "conv1d", save_xa,
             ),
+            {"after": last_draw} if draws and last_draw is not None else {},
         )
         y = graph.call_function(operator.getitem, (op, 0))
+        if draws:
+            last_draw = graph.call_function(operator.getitem, (op, 2))
     y.meta.update({k: v for k, v in n.add.meta.items() if k != "example_value"})
     y.meta["example_value"] = value(n.add)
     n.add.replace_all_uses_with(y)
     _erase_dead([n.add, n.scaled, n.xab, n.xa, n.dropout, *reversed(n.input_casts), n.layer_out, *_conv1d_parts(n.layer_out)])
+    return last_draw
 
 
 def _conv1d_parts(layer_out: fx.Node) -> list[fx.Node]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxlora.ops.lora import BACKWARD_FORMS, lora_linear
+from fxlora.ops.lora import BACKWARD_FORMS, lora_linear, lora_linear_backward
 
 FORMS = [(f, b) for f, b in itertools.product((1, 2), BACKWARD_FORMS)]
 
@@ -68,3 +68,25 @@ def test_opcheck():
             torch.randn(6, 2, requires_grad=True), torch.tensor(2.0), 0.0, torch.float32,
             torch.float32, torch.float32, 1, 5, False, False)
     torch.library.opcheck(lora_linear, args)
+
+
+@pytest.mark.parametrize("needs", [[True, True, True, True], [True, False, False, True], [False, False, True, False]])
+@pytest.mark.parametrize("backward", [1, 4])
+def test_opcheck_backward(needs, backward):
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 3, 6, generator=gen), torch.randn(2, 3, 8, generator=gen), torch.randn(6, 8, generator=gen),
+            torch.randn(2, 8, generator=gen), torch.randn(6, 2, generator=gen), torch.tensor(2.0), None, None,
+            0.0, torch.float32, torch.float32, torch.float32, backward, False, False, torch.float32, needs)
+    torch.library.opcheck(lora_linear_backward, args)
+
+
+def test_after_only_orders_the_draws():
+    """`after` is a data dependency and nothing else: the result does not depend on it."""
+    x = torch.randn(4, 8)
+    args = (x, torch.randn(8, 8), None, torch.randn(2, 8), torch.randn(8, 2), torch.tensor(1.0), 0.5,
+            torch.float32, torch.float32, torch.float32, 1, 1, False, False)
+    torch.manual_seed(0)
+    plain = lora_linear(*args)[0]
+    torch.manual_seed(0)
+    ordered = lora_linear(*args, after=torch.zeros(3))[0]
+    assert torch.equal(plain, ordered)
