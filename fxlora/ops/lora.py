@@ -108,7 +108,12 @@ def lora_linear(
     else:
         base = torch.nn.functional.linear(x.to(base_dtype), W, b)
         xa_full = torch.nn.functional.linear(x_in, A)
-        y = base + s * torch.nn.functional.linear(xa_full, B)
+        if base_dtype == adapter_dtype:
+            # Scale the (out, r) B, not the (T, out) product, and accumulate into the base
+            # GEMM's output: no full-size elementwise pass.
+            y = base.view(-1, base.shape[-1]).addmm_(xa_full.flatten(0, -2), (s * B).t()).view(base.shape)
+        else:
+            y = base + s * torch.nn.functional.linear(xa_full, B)
     if save_xa:
         xa = xa_full
     return y, xa, rng
@@ -192,12 +197,12 @@ def lora_linear_backward(
     if x is not None:
         x_in = (_dropped(x, noise, adapter_dtype) if noise is not None else x.to(adapter_dtype)).flatten(0, -2)
 
-    z1 = dy_a @ B if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # (T, r)
+    z1 = dy_a @ (s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
     z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and not save_xa) else None
 
     dX, db, dA, dB = (dy.new_empty(_NO_TENSOR) for _ in range(4))
     if need_A:
-        dA = (s * (z1.t() @ x_in) if dA_by == "z1" else s * (B.t() @ z2)).to(lora_A.dtype)
+        dA = (z1.t() @ x_in if dA_by == "z1" else s * (B.t() @ z2)).to(lora_A.dtype)
     if need_B:
         if save_xa:
             dB = s * (dy_a.t() @ xa.flatten(0, -2))
@@ -212,10 +217,13 @@ def lora_linear_backward(
             merged = W.to(adapter_dtype) + s * (B @ A)
             dX = dy_b @ merged.to(base_dtype)
         else:
-            adapter_dx = (s * (z1 @ A)).view(x_shape)
-            if noise is not None:
-                adapter_dx = adapter_dx * noise
-            dX = dy_b @ W + adapter_dx
+            if noise is None and base_dtype == adapter_dtype:  # accumulate into the base GEMM's output
+                dX = (dy_b.flatten(0, -2) @ W).addmm_(z1, A).view(x_shape)
+            else:
+                adapter_dx = (z1 @ A).view(x_shape)
+                if noise is not None:
+                    adapter_dx = adapter_dx * noise
+                dX = dy_b @ W + adapter_dx
         dX = dX.to(x_dtype)
     if need_b:
         db = dy.flatten(0, -2).sum(0)
