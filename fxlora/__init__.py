@@ -7,6 +7,12 @@
 from fxlora.backend import fxlora_backend
 from fxlora.config import Config
 from fxlora.explain import Report, clear_reports, explain, last_report
+from fxlora.integrations import install_accelerate_hook
+from fxlora.logs import configure_from_env, set_logs
+from fxlora.verify import VerificationError
 
-__all__ = ["Config", "Report", "clear_reports", "explain", "fxlora_backend", "last_report"]
+__all__ = ["Config", "Report", "clear_reports", "explain", "fxlora_backend", "last_report", "set_logs", "VerificationError"]
 __version__ = "0.1.0"
+
+configure_from_env()  # FXLORA_LOG=info|debug
+install_accelerate_hook()  # TrainingArguments(torch_compile_backend="fxlora") passes accelerate's name check

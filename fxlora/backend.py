@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from fxlora.config import Config, check_mode
 from fxlora.explain import GraphReport, record
-from fxlora.passes import find_lora_sites, rewrite_lora_sites
+from fxlora.verify import verify_first_call
+from fxlora.passes import find_ia3_sites, find_lora_sites, find_vera_sites, rewrite_lora_sites, rewrite_scaling_sites
 
 log = logging.getLogger("fxlora")
 
@@ -43,19 +44,23 @@ def compile_graph(
 ) -> Callable:
     """Run fxlora's passes on `gm`, report them, then hand the graph to the inner compiler."""
     compile_id = _compile_id()
-    before = gm.code
+    original, before = gm, gm.code
     match, decisions, fallback = None, [], None
+    scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, then VeRA
     try:
         # Match and rewrite a copy (one cheap node pass): if anything goes wrong the
         # untouched graph is still at hand.
         candidate = fx.GraphModule(gm, _copy_graph(gm))
         match = find_lora_sites(candidate)
         decisions = rewrite_lora_sites(candidate, match, config)
+        for find in (find_ia3_sites, find_vera_sites):  # IA3 and VeRA: same match -> price -> rewrite
+            found = find(candidate)
+            scaling.append((found, rewrite_scaling_sites(candidate, found, config)))
         gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = f"passes failed ({type(err).__name__}: {err})"
-        decisions = []
+        decisions, scaling = [], []
     report = GraphReport(
         compile_id=compile_id,
         num_nodes=len(gm.graph.nodes),
@@ -64,6 +69,7 @@ def compile_graph(
         graph_after=gm.code,
         fallback=fallback,
         decisions=decisions,
+        scaling=scaling,
     )
     if match is not None:
         log.info(
@@ -73,8 +79,12 @@ def compile_graph(
     on_report(report)
     if config.dump_graphs:
         _dump(report, config.dump_graphs)
-    rewritten = any(d.rewritten for d in decisions)
-    return _inner_compile(gm, example_inputs, config, mode, rematerialize=config.rematerialize and rewritten)
+    rewritten = any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds)
+    compiled = _inner_compile(gm, example_inputs, config, mode, rematerialize=config.rematerialize and rewritten)
+    if config.verify and rewritten:
+        n = sum(d.rewritten for d in decisions) + sum(d.rewritten for _, ds in scaling for d in ds)
+        compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
+    return compiled
 
 
 def _inner_compile(

@@ -8,6 +8,8 @@ with a message that names it and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import types
 from dataclasses import dataclass, field, fields
@@ -15,6 +17,8 @@ from typing import Any, Mapping, Optional, Union
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OBJECTIVES = ("saved_bytes", "flops")
+SCALING_FORMS = (None, "act", "recompute", "weight")
+OPTIONS_ENV = "FXLORA_OPTIONS"
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -40,6 +44,11 @@ class Config:
         output, an activation) when that saves bytes, instead of always saving them
         (`torch._functorch.config.ban_recompute_materialized_backward=False`). Exact; costs
         a pointwise kernel per recomputed x in backward. Inductor only.
+    verify: on the first call of each rewritten graph, also run the untouched graph and
+        compare outputs and input gradients; a difference raises fxlora.VerificationError
+        naming the graph and input (fxlora/verify.py). The first thing to try when in doubt.
+    scaling_form: "act", "recompute" or "weight": the form of every IA3/VeRA site where it
+        exists and is legal (docs/ia3-vera.md); for tests and experiments.
     """
 
     inner: str = "inductor"
@@ -50,6 +59,8 @@ class Config:
     flop_budget: float = 0.1
     force_form: Optional[str] = None
     rematerialize: bool = True
+    verify: bool = False
+    scaling_form: Optional[str] = None
 
     def __post_init__(self):
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -64,7 +75,7 @@ class Config:
                 "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
             )
         object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
-        for flag in ("rewrite", "rematerialize"):
+        for flag in ("rewrite", "rematerialize", "verify"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"fxlora option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("objective", self.objective, OBJECTIVES)
@@ -74,6 +85,7 @@ class Config:
             raise ValueError(
                 f"fxlora option 'force_form' must look like 'f1/b5' (forward 1-2, backward 1-8), got {self.force_form!r}"
             )
+        _check_choice("scaling_form", self.scaling_form, SCALING_FORMS)
         if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
             raise ValueError(
                 f"fxlora option 'dump_graphs' must be a directory path (str) or None, got {self.dump_graphs!r}"
@@ -81,9 +93,14 @@ class Config:
 
     @classmethod
     def from_options(cls, options: Union[None, "Config", Mapping[str, Any]]) -> "Config":
-        """Build from `torch.compile(options=...)`: None, a Config, or a dict of Config fields."""
+        """Build from `torch.compile(options=...)`: None, a Config, or a dict of Config fields.
+
+        With no options, the JSON object in the environment variable FXLORA_OPTIONS (if set)
+        is used: the way to reach stacks that call torch.compile for you and pass no options
+        (Hugging Face Trainer's `torch_compile_backend="fxlora"`).
+        """
         if options is None:
-            return cls()
+            return cls.from_options(_env_options()) if os.environ.get(OPTIONS_ENV) else cls()
         if isinstance(options, cls):
             return options
         if not isinstance(options, Mapping):
@@ -102,6 +119,17 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def _env_options() -> Any:
+    text = os.environ[OPTIONS_ENV]
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{OPTIONS_ENV} must be a JSON object of fxlora options, got {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{OPTIONS_ENV} must be a JSON object of fxlora options such as '{{\"inner\": \"aot_eager\"}}', got {text!r}")
+    return value
 
 
 def check_mode(mode: Optional[str]) -> None:

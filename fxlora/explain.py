@@ -26,10 +26,24 @@ class GraphReport:
     fallback: Optional[str] = None  # why the graph was left untouched, when it was
     decisions: list = field(default_factory=list)  # fxlora.passes.Decision per site
     notes: list[str] = field(default_factory=list)
+    scaling: list = field(default_factory=list)  # (ScalingMatch, [ScalingDecision]) per adapter kind: IA3, VeRA
+
+    @property
+    def scaling_sites(self) -> list:
+        return [s for m, _ in self.scaling for s in m.sites]
+
+    @property
+    def scaling_decisions(self) -> list:
+        return [d for _, ds in self.scaling for d in ds]
 
     @property
     def sites(self) -> list[LoraSite]:
         return self.match.sites if self.match else []
+
+    @property
+    def checkpointed_regions(self) -> int:
+        """Calls of Dynamo's activation-checkpoint HOP: subgraphs the passes do not descend into."""
+        return self.graph_before.count("torch.ops.higher_order.tag_activation_checkpoint(")
 
     def __str__(self) -> str:
         return "\n".join(_format_graph(self))
@@ -49,6 +63,15 @@ class Report:
     def rejections(self):
         return [r for g in self.graphs if g.match for r in g.match.rejections]
 
+    @property
+    def scaling_sites(self) -> list:
+        """IA3 and VeRA sites of every graph."""
+        return [s for g in self.graphs for s in g.scaling_sites]
+
+    @property
+    def scaling_decisions(self) -> list:
+        return [d for g in self.graphs for d in g.scaling_decisions]
+
     def __str__(self) -> str:
         if not self.graphs:
             return "fxlora: no graph compiled yet"
@@ -56,7 +79,10 @@ class Report:
 
 
 def record(report: GraphReport) -> None:
+    from fxlora.logs import log_report
+
     _RECENT.append(report)
+    log_report(report)
 
 
 def last_report() -> Report:
@@ -153,10 +179,21 @@ def _format_graph(g: GraphReport) -> list[str]:
             lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
     if g.decisions:
         lines += _format_decisions(g.decisions)
+    for scaling_match, scaling_decisions in g.scaling:
+        lines += _format_scaling(scaling_match, scaling_decisions)
     if g.fallback:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
+    if g.checkpointed_regions:
+        lines.append(f"  {checkpoint_note(g.checkpointed_regions)}")
     return lines
+
+
+def checkpoint_note(regions: int) -> str:
+    return (
+        f"{regions} activation-checkpointed region(s) (torch.utils.checkpoint, use_reentrant=False) not searched: "
+        "their LoRA sites run as traced (exact, recomputed in backward, not rewritten)"
+    )
 
 
 def _num(expr) -> str:
@@ -209,4 +246,58 @@ def _format_decisions(decisions) -> list[str]:
                 _mib(c.saved_bytes), "" if c.form.legal else "illegal: " + c.form.why_not,
             ))
         lines += ["  " + r for r in _table(rows, ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", ""))]
+    return lines
+
+
+# --- IA3 and VeRA: one generic table per adapter kind ------------------------------------
+
+_SCALING_KINDS = {"ia3_out": "IA3 (output scaling)", "ia3_in": "IA3 (input scaling)", "vera": "VeRA"}
+
+
+def _format_scaling(match, decisions) -> list[str]:
+    if not match.sites and not match.rejections:
+        return []
+    by_site = {d.site: d for d in decisions}
+    rows = []
+    for s in match.sites:
+        d = by_site.get(s.index)
+        dtype = dtype_name(s.compute_dtype) + (f"@{s.autocast.split(':')[1]}" if s.autocast else "")
+        if dtype_name(s.vector_dtype) != dtype_name(s.compute_dtype):
+            dtype += f", vec {dtype_name(s.vector_dtype)}"
+        rows.append((
+            str(s.index), s.module or s.nodes.out.name, _SCALING_KINDS[s.kind], s.base_kind,
+            "*".join(describe_size(t) for t in s.tokens) or "1", describe_size(s.in_features),
+            describe_size(s.out_features), "-" if s.rank is None else describe_size(s.rank), dtype,
+            "+".join(s.trainable), "yes" if s.has_bias else "no", str(s.shared_x),
+            "-" if d is None or not d.rewritten else d.chosen.form.name,
+            "-" if d is None or not d.rewritten else _mib(d.chosen.saved_bytes),
+            "-" if d is None or d.peft_saved_bytes is None else _mib(d.peft_saved_bytes),
+            "" if d is None else (d.reason if d.rewritten else "not rewritten: " + d.reason),
+        ))
+    kinds = sorted({_SCALING_KINDS[s.kind].split(" ")[0] for s in match.sites}) or ["IA3/VeRA"]
+    lines = [f"  {'/'.join(kinds)} sites: {len(match.sites)}, {len(match.rejections)} rejected"]
+    if rows:
+        lines += _table(rows, ("#", "site", "kind", "base", "tokens", "in", "out", "r", "dtype", "trains", "bias",
+                               "x read by", "form", "saved", "PEFT saved", "why"))
+    for r in match.rejections:
+        lines.append(f"    rejected {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
+    by_shape: dict = {}
+    for d in decisions:
+        if d.candidates:
+            by_shape.setdefault(d.shape, []).append(d)
+    for shape, group in by_shape.items():
+        d = group[0]
+        lines.append(
+            f"  candidates for {_SCALING_KINDS[shape.kind]} sites {','.join(str(g.site) for g in group)} "
+            f"(T={shape.tokens}, i={shape.in_features}, o={shape.out_features}"
+            + (f", r={shape.rank}" if shape.kind == "vera" else "")
+            + (f", x read by {shape.shared_x}" if shape.shared_x > 1 else "")
+            + (", x rebuilt by the partitioner" if shape.x_rebuilt else "") + "):"
+        )
+        crows = []
+        for c in d.candidates:
+            mark = "*" if d.chosen is not None and c.form == d.chosen.form else ""
+            crows.append((mark + c.form.name, str(c.form.flops), _num(c.flops), str(c.form.saved_bytes),
+                          _mib(c.saved_bytes), "" if c.form.legal else "illegal: " + c.form.why_not))
+        lines += ["  " + r for r in _table(crows, ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", ""))]
     return lines

@@ -102,3 +102,30 @@ def describe_size(size) -> str:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def linear_layer(node: Any) -> Optional[tuple[fx.Node, fx.Node, Optional[fx.Node], str, tuple[fx.Node, ...]]]:
+    """If `node` is a frozen-or-not linear layer's output, (x, W, b, kind, own nodes), else None.
+
+    kind "linear": `linear(x, W, b)`; "conv1d": GPT-2's `addmm(b, x.view(-1, in), W).view(...)`.
+    own nodes: the layer's nodes besides `node` (the addmm and the flattening view), innermost last.
+    """
+    if is_call(node, LINEAR_TARGETS):
+        x, weight, bias = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+        if is_tensor_input(weight) and (bias is None or is_tensor_input(bias)):
+            return x, weight, bias, "linear", ()
+        return None
+    if is_method(node, VIEW_METHODS) and is_call(node.args[0], ADDMM_TARGETS):
+        mm = node.args[0]
+        if mm.kwargs or len(mm.args) != 3 or len(mm.users) != 1:
+            return None
+        bias, flat, weight = mm.args
+        if not (is_method(flat, VIEW_METHODS) and is_tensor_input(weight) and is_tensor_input(bias)):
+            return None
+        if value(bias).dim() != 1 or len(flat.users) != 1:
+            return None
+        x = flat.args[0]
+        xv, ov = value(x), value(node)
+        if xv.shape[:-1] == ov.shape[:-1] and xv.shape[-1] == value(weight).shape[0]:
+            return x, weight, bias, "conv1d", (mm, flat)
+    return None

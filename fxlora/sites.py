@@ -80,3 +80,61 @@ class LoraMatch:
     rejections: list[Rejection]
     input_groups: dict[int, list[int]]  # group id -> site indices
     linears: int  # base linears seen (adapted or not), for the report
+
+
+# --- IA3 and VeRA: a frozen base layer scaled by (or added to a product of) trainable vectors ---
+
+SCALING_KINDS = ("ia3_out", "ia3_in", "vera")
+
+
+@dataclass
+class ScalingNodes:
+    """The graph nodes of one IA3 or VeRA site.
+
+    ia3_out: out = (linear(x, W, b)) * l         ia3_in: out = linear(cast(x * l), W, b)
+    vera:    out = linear(x, W, b) + lambda_b * linear(lambda_d * linear(x, A), B)
+    """
+
+    x: fx.Node  # the base layer's input as the op reads it (before PEFT's casts)
+    weight: fx.Node  # frozen W: (out, in) for nn.Linear, (in, out) for GPT-2's Conv1D
+    bias: Optional[fx.Node]
+    layer_out: fx.Node  # W's own output (linear, or Conv1D's viewed addmm)
+    vectors: tuple[fx.Node, ...]  # the trainable vectors as the graph holds them: (l,) or (lambda_d, lambda_b)
+    vector_values: tuple[fx.Node, ...]  # the nodes the math reads: l.flatten() scaled by 1, or lambda_* itself
+    frozen: tuple[fx.Node, ...]  # VeRA's sliced shared A and B (as read by the linears); () for IA3
+    out: fx.Node  # the site's output: every use of it is redirected to the op
+    internal: tuple[fx.Node, ...]  # site nodes that die with the rewrite, erased when unused, in order
+
+
+@dataclass
+class ScalingSite:
+    """A proven IA3 or VeRA site with everything the cost model, the rewrite and explain need."""
+
+    index: int
+    kind: str  # one of SCALING_KINDS
+    module: Optional[str]  # for people only
+    base_kind: str  # "linear" or "conv1d"
+    tokens: tuple[Size, ...]
+    in_features: Size
+    out_features: Size
+    rank: Optional[Size]  # VeRA's r; None for IA3
+    x_dtype: torch.dtype
+    weight_dtype: torch.dtype
+    vector_dtype: torch.dtype
+    compute_dtype: torch.dtype  # dtype of W's matmul output (autocast decides)
+    out_dtype: torch.dtype  # dtype of the site's output node
+    autocast: Optional[str]
+    has_bias: bool
+    bias_trainable: bool
+    trainable: tuple[str, ...]  # names of the trainable vectors: ("l",) or ("lambda_d", "lambda_b") or a subset
+    input_group: int = -1  # sites (of this match) reading the same x share a group id
+    shared_x: int = 1  # how many sites of this match read the same x
+    nodes: ScalingNodes = field(repr=False, default=None)
+
+
+@dataclass
+class ScalingMatch:
+    """What `find_ia3_sites` / `find_vera_sites` return: sites and the rejected look-alikes."""
+
+    sites: list[ScalingSite]
+    rejections: list[Rejection]

@@ -97,6 +97,47 @@ def randomize_lora_B(model: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
 
 
+IA3_TARGETS = {  # PEFT's defaults for these families: attention k/v (c_attn) scaled on the output, the MLP down-projection on its input
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+}
+VERA_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+def with_ia3(model: nn.Module, family: str = "llama", *, seed: int = 0, **ia3_kwargs) -> nn.Module:
+    """PEFT IA3 with PEFT's default targets for `family`; vectors moved off 1 so every gradient is generic."""
+    from peft import IA3Config, get_peft_model
+
+    targets, feedforward = IA3_TARGETS[family]
+    if family == "gpt2":
+        ia3_kwargs.setdefault("fan_in_fan_out", True)
+    peft_model = get_peft_model(model, IA3Config(target_modules=targets, feedforward_modules=feedforward, **ia3_kwargs))
+    _jitter_trainable(peft_model, "ia3_l", seed)
+    return peft_model
+
+
+def with_vera(model: nn.Module, family: str = "llama", *, r: int = 8, dropout: float = 0.0, seed: int = 0,
+              **vera_kwargs) -> nn.Module:
+    """PEFT VeRA (shared frozen A/B) on q/v (c_attn); lambda_b moved off 0 so lambda_d gets a gradient."""
+    from peft import VeraConfig, get_peft_model
+
+    if family == "gpt2":
+        vera_kwargs.setdefault("fan_in_fan_out", True)
+    cfg = VeraConfig(r=r, target_modules=VERA_TARGETS[family], vera_dropout=dropout, **vera_kwargs)
+    peft_model = get_peft_model(model, cfg)
+    _jitter_trainable(peft_model, "vera_lambda", seed)
+    return peft_model
+
+
+def _jitter_trainable(model: nn.Module, key: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if key in name and p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+
+
 class HandLoRALinear(nn.Module):
     """LoRA written by hand with plain nn.Linear layers and a tensor scale, as people do without PEFT."""
 

@@ -1,0 +1,76 @@
+"""fxlora's decisions in the user's training logs, through the standard `logging` module.
+
+Everything fxlora says goes to the logger "fxlora": at INFO one line per compiled graph
+(sites found, rewritten, rejected) and one line per site left alone, with the reason; at
+DEBUG the whole site report of every graph. Three ways to see it:
+
+    FXLORA_LOG=info python train.py        # or debug; fxlora attaches a stderr handler on import
+    TORCH_LOGS="fxlora" python train.py    # torch's switch: "+fxlora" for DEBUG, TORCH_LOGS_OUT=file
+    fxlora.set_logs("info")                # from code; or configure logging.getLogger("fxlora") yourself
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Union
+
+LOG_ENV = "FXLORA_LOG"
+log = logging.getLogger("fxlora")
+_handler: Optional[logging.Handler] = None
+
+
+def set_logs(level: Union[str, int, None] = "info", stream=None) -> None:
+    """Show fxlora's decisions at `level` ("debug", "info", "warning", or a logging level) on stderr.
+
+    None removes the handler this function attached and resets the level.
+    """
+    global _handler
+    if _handler is not None:
+        log.removeHandler(_handler)
+        _handler = None
+    if level is None:
+        log.setLevel(logging.NOTSET)
+        return
+    log.setLevel(_level(level))
+    _handler = logging.StreamHandler(stream)
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.addHandler(_handler)
+
+
+def configure_from_env() -> None:
+    """Called by `import fxlora`: honour FXLORA_LOG if set (a bad value warns, never fails the import)."""
+    value = os.environ.get(LOG_ENV, "").strip()
+    if not value:
+        return
+    try:
+        set_logs(value)
+    except ValueError as err:
+        logging.getLogger("fxlora").warning("%s", err)
+
+
+def _level(level: Union[str, int]) -> int:
+    if isinstance(level, int):
+        return level
+    named = logging.getLevelName(str(level).upper())
+    if not isinstance(named, int):
+        raise ValueError(f"{LOG_ENV} / set_logs level must be debug, info, warning or error; got {level!r}")
+    return named
+
+
+def log_report(report) -> None:
+    """The per-site decisions of one graph report: reasons at INFO, the full report at DEBUG."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for d in report.decisions:
+        if not d.rewritten:
+            log.info("fxlora: graph %s site %d not rewritten: %s", report.compile_id, d.site, d.reason)
+    if report.match is not None:
+        for r in report.match.rejections:
+            log.info("fxlora: graph %s rejected %s%s: %s", report.compile_id, r.node,
+                     f" in {r.module}" if r.module else "", r.reason)
+    if report.checkpointed_regions:
+        from fxlora.explain import checkpoint_note
+
+        log.info("fxlora: graph %s: %s", report.compile_id, checkpoint_note(report.checkpointed_regions))
+    log.debug("fxlora: report of graph %s\n%s", report.compile_id, report)
