@@ -10,8 +10,10 @@ from fxlora.explain import Report, clear_reports, explain, last_report
 from fxlora.integrations import install_accelerate_hook
 from fxlora.logs import configure_from_env, set_logs
 from fxlora.verify import VerificationError
+from fxlora import velora
+from fxlora.velora import freeze_lora_A
 
-__all__ = ["Config", "Report", "clear_reports", "explain", "fxlora_backend", "last_report", "set_logs", "VerificationError"]
+__all__ = ["Config", "Report", "clear_reports", "explain", "freeze_lora_A", "fxlora_backend", "last_report", "set_logs", "velora", "VerificationError"]
 __version__ = "0.1.0"
 
 configure_from_env()  # FXLORA_LOG=info|debug

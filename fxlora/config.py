@@ -49,6 +49,10 @@ class Config:
         naming the graph and input (fxlora/verify.py). The first thing to try when in doubt.
     scaling_form: "act", "recompute" or "weight": the form of every IA3/VeRA site where it
         exists and is legal (docs/ia3-vera.md); for tests and experiments.
+    compress: opt-in LOSSY compression of what backward keeps (docs/lossy.md), e.g.
+        {"method": "velora", "sub_token": "D/32", "targets": ["v_proj", "down_proj"]}
+        (the defaults, VeLoRA's). Needs `fxlora.velora.prepare(model, first_batch, compress)`
+        first, which creates each targeted site's vector v. None (default): every form exact.
     """
 
     inner: str = "inductor"
@@ -61,6 +65,7 @@ class Config:
     rematerialize: bool = True
     verify: bool = False
     scaling_form: Optional[str] = None
+    compress: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self):
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -86,6 +91,8 @@ class Config:
                 f"fxlora option 'force_form' must look like 'f1/b5' (forward 1-2, backward 1-8), got {self.force_form!r}"
             )
         _check_choice("scaling_form", self.scaling_form, SCALING_FORMS)
+        if self.compress is not None:
+            object.__setattr__(self, "compress", types.MappingProxyType(normalize_compress(self.compress)))
         if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
             raise ValueError(
                 f"fxlora option 'dump_graphs' must be a directory path (str) or None, got {self.dump_graphs!r}"
@@ -119,6 +126,57 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+COMPRESS_METHODS = ("velora",)
+COMPRESS_DEFAULTS = {"method": "velora", "sub_token": "D/32", "targets": ("v_proj", "down_proj")}
+
+
+def normalize_compress(spec: Any) -> dict[str, Any]:
+    """The `compress` option with defaults filled in; a ValueError names what is wrong.
+
+    sub_token: an int M (every targeted site's input width must be a multiple of it) or
+    "D/<k>" (M = in_features / k per site). targets: module-path suffixes ("v_proj" matches
+    "...self_attn.v_proj"), or "all" for every LoRA site.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"fxlora option 'compress' must be a dict such as {{'method': 'velora'}}, got {spec!r}")
+    unknown = sorted(set(spec) - set(COMPRESS_DEFAULTS))
+    if unknown:
+        raise ValueError(f"fxlora option 'compress' has unknown keys {unknown}; allowed: {', '.join(COMPRESS_DEFAULTS)}")
+    out = {**COMPRESS_DEFAULTS, **spec}
+    if out["method"] not in COMPRESS_METHODS:
+        raise ValueError(f"fxlora option 'compress' method must be one of {', '.join(map(repr, COMPRESS_METHODS))}; got {out['method']!r}")
+    m = out["sub_token"]
+    ok = (isinstance(m, int) and not isinstance(m, bool) and m > 0) or (
+        isinstance(m, str) and re.fullmatch(r"D/[1-9][0-9]*", m.replace(" ", "")) is not None
+    )
+    if not ok:
+        raise ValueError(f"fxlora option 'compress' sub_token must be an int > 0 or 'D/<k>' such as 'D/32'; got {m!r}")
+    if isinstance(m, str):
+        out["sub_token"] = m.replace(" ", "")
+    targets = out["targets"]
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"fxlora option 'compress' targets must be a list of module-path suffixes or 'all'; got {out['targets']!r}")
+    out["targets"] = tuple(targets)
+    return out
+
+
+def sub_token_size(sub_token: Any, in_features: int) -> Optional[int]:
+    """M for a site of width `in_features`, or None when it does not divide it."""
+    m = in_features // int(sub_token[2:]) if isinstance(sub_token, str) else int(sub_token)
+    return m if m > 0 and in_features % m == 0 else None
+
+
+def compress_targets(spec: Mapping[str, Any], module_path: Optional[str]) -> bool:
+    """Does `compress` select the site at `module_path` (a user's configuration, so by name)?"""
+    if "all" in spec["targets"]:
+        return True
+    if not module_path:
+        return False
+    return any(module_path == t or module_path.endswith("." + t) for t in spec["targets"])
 
 
 def _env_options() -> Any:

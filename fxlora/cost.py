@@ -59,10 +59,11 @@ class Form:
     saved_bytes: sympy.Expr
     legal: bool
     why_not: str = ""
+    lossy: str = ""  # "" for the exact forms; e.g. "velora(M=16)" for an opt-in lossy one
 
     @property
     def name(self) -> str:
-        return f"f{self.forward}/b{self.backward}"
+        return f"f{self.forward}/b{self.backward}" + (f"+{self.lossy}" if self.lossy else "")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,24 @@ def peft_saved_bytes(shape: SiteShape) -> sympy.Expr:
     if shape.dropout:
         return T * I * shape.adapter_bytes + T * I + xa
     return T * I * shape.x_bytes + xa
+
+
+def velora_form(shape: SiteShape, sub_token: int) -> Form:
+    """VeLoRA (seed 002) on forward 1 / backward 1 (A trainable): saves z_p = group(x) v (T x i/M)
+    and X A^T (T x r, so dB stays exact) instead of X. Lossy in dA only; opt-in (docs/lossy.md).
+
+    FLOPs: forward 1, plus the projection (2 T i) and X A^T kept; backward 1 without the X A^T
+    rebuild, plus x_hat = z_p v^T (T i).
+    """
+    M = sympy.Integer(sub_token)
+    saved = T * (I / M) * shape.adapter_bytes + (T * R * shape.adapter_bytes if shape.b_trainable else 0)
+    flops = forward_flops(1, False) + 2 * T * I + backward_flops(1, shape, save_xa=True) + T * I
+    return Form(1, 1, sympy.expand(flops), sympy.expand(saved), True, lossy=f"velora(M={sub_token})")
+
+
+def price_form(form: Form, shape: SiteShape) -> PricedForm:
+    sizes = {T: shape.tokens, I: shape.in_features, O: shape.out_features, R: shape.rank}
+    return PricedForm(form, sympy.expand(form.flops.subs(sizes)), sympy.expand(form.saved_bytes.subs(sizes)))
 
 
 def candidate_forms(shape: SiteShape) -> list[Form]:

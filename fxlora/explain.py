@@ -226,6 +226,9 @@ def _format_decisions(decisions) -> list[str]:
             ))
     lines = ["  forms (FLOPs of forward+backward; bytes this site saves for backward; PEFT's for comparison):"]
     lines += _table(rows, ("#", "form", "FLOPs", "saved", "PEFT saved", "why"))
+    lossy = [str(d.site) for d in decisions if d.chosen is not None and d.chosen.form.lossy]
+    if lossy:  # opt-in compression (docs/lossy.md): say it where nobody can miss it
+        lines.append(f"  LOSSY sites {','.join(lossy)}: opted in via `compress`; their lora_A gradients are approximate")
     # Candidates once per distinct site shape: formulas in T, i, o, r and their values here.
     by_shape: dict = {}
     for d in decisions:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -129,3 +130,52 @@ def linear_layer(node: Any) -> Optional[tuple[fx.Node, fx.Node, Optional[fx.Node
         if xv.shape[:-1] == ov.shape[:-1] and xv.shape[-1] == value(weight).shape[0]:
             return x, weight, bias, "conv1d", (mm, flat)
     return None
+
+
+def autocast_state(graph: fx.Graph) -> dict[fx.Node, str]:
+    """Which nodes run inside `torch.autocast(...)`, as 'device:dtype': the region the graph
+    opens, or the one the compiled call itself runs in (Dynamo traces under the caller's state)."""
+    ambient = [
+        f"{d}:{str(torch.get_autocast_dtype(d)).removeprefix('torch.')}"
+        for d in ("cuda", "cpu")
+        if torch.is_autocast_enabled(d)
+    ]
+    state, stack = {}, ambient[:1]
+    for node in graph.nodes:
+        target = getattr(node.target, "__name__", "")
+        if node.op == "call_function" and target == "_enter_autocast":
+            device, dtype, enabled = (list(node.args) + [None, None, True])[:3]
+            if dtype is None and isinstance(device, str):
+                dtype = torch.get_autocast_dtype(device)
+            stack.append(f"{device}:{str(dtype).removeprefix('torch.')}" if enabled else None)
+        elif node.op == "call_function" and target == "_exit_autocast":
+            if stack:
+                stack.pop()
+        elif stack and stack[-1]:
+            state[node] = stack[-1]
+    return state
+
+
+def size_expr(size) -> sympy.Expr:
+    """A size as a sympy expression: the SymInt's symbolic expression, or an Integer."""
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def size_decider(gm: fx.GraphModule) -> Callable[[sympy.Basic], bool]:
+    """Evaluate a relation between sizes; on symbolic sizes this installs a Dynamo guard,
+    so a shape that crosses a cost threshold recompiles into the other form."""
+    shape_env = None
+    for node in gm.graph.find_nodes(op="placeholder"):
+        fake_mode = getattr(value(node), "fake_mode", None)
+        if fake_mode is not None and fake_mode.shape_env is not None:
+            shape_env = fake_mode.shape_env
+            break
+
+    def decide(relation: sympy.Basic) -> bool:
+        if relation in (sympy.true, sympy.false):
+            return bool(relation)
+        if shape_env is None or not relation.free_symbols:
+            return bool(relation)
+        return bool(shape_env.evaluate_expr(relation))
+
+    return decide

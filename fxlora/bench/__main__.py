@@ -27,6 +27,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from fxlora.bench.harness import (
+    ADAPTERS,
     CONTESTANTS,
     DTYPES,
     INNERS,
@@ -62,6 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Side-by-side LoRA training step: floor, peft-eager, peft-inductor, fxlora (see measuring.md).",
     )
     sweep = p.add_argument_group("sweep (defaults: the full sweep, or the tiny one with --quick)")
+    sweep.add_argument("--adapter", choices=ADAPTERS, default="lora",
+                       help="PEFT adapter kind: lora, ia3 (default targets, --ranks ignored) or vera [lora]")
     sweep.add_argument("--quick", action="store_true", help="tiny sanity sweep: 2-layer hidden-128 model, seq 64/256, rank 8")
     sweep.add_argument("--seqs", type=_ints, help=f"comma-separated sequence lengths [{_csv(DEFAULT_SEQS)}]")
     sweep.add_argument("--long", action="store_true", help=f"add seq {LONG_SEQ} to the sweep")
@@ -135,6 +138,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "batch") if getattr(args, k)}
     return Settings(
         shape=ModelShape(**{**_shape_dict(base), **overrides}),
+        adapter=args.adapter,
         dtype=args.dtype,
         steps=args.steps,
         warmup=args.warmup,
@@ -156,6 +160,8 @@ def cases_from(args: argparse.Namespace):
         seqs = (*seqs, LONG_SEQ)
     ranks = args.ranks or (QUICK_RANKS if args.quick else DEFAULT_RANKS)
     dropouts = args.dropouts if args.dropouts is not None else (QUICK_DROPOUTS if args.quick else DEFAULT_DROPOUTS)
+    if args.adapter == "ia3":  # no rank, no dropout
+        ranks, dropouts = (0,), (0.0,)
     return sweep_cases(seqs, ranks, dropouts)
 
 
@@ -194,17 +200,29 @@ def caption(result: BenchResult) -> str:
     s, m = result.settings, result.machine
     shape = s["shape"]
     return (
-        f"LoRA training step (forward + backward + AdamW) on {m['processor']}, {m['cpu_count']} CPUs "
+        f"{_ADAPTER_NAMES[s.get('adapter', 'lora')]} training step (forward + backward + AdamW) on {m['processor']}, {m['cpu_count']} CPUs "
         f"({m['torch_threads']} torch threads), {m['device']}; torch {m['torch']}, transformers {m.get('transformers', '?')}, "
         f"peft {m.get('peft', '?')}, fxlora {m.get('fxlora_commit') or '?'}. {s['dtype']}; random-init "
         f"{shape['family']} hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, "
-        f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}; LoRA on all linears, alpha {s['lora_alpha']}. "
+        f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}; {_adapter_targets(s)}. "
         f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
         f"fxlora options {json.dumps(s['fxlora_options_used'])}. Best peer = better of peft-eager and peft-inductor per figure; "
         f"tax = (x - floor) / (best peer - floor). Saved = bytes saved for backward, parameters excluded. "
         f"* = timed steps spread over {NOISY_SPREAD:.0%} of the median (busy machine?); load average "
         f"{_load(m.get('loadavg_before'))} before, {_load(m.get('loadavg_after'))} after."
     )
+
+
+_ADAPTER_NAMES = {"lora": "LoRA", "ia3": "IA3", "vera": "VeRA"}
+
+
+def _adapter_targets(s: dict) -> str:
+    adapter = s.get("adapter", "lora")
+    if adapter == "ia3":
+        return "PEFT IA3 on its default targets (k, v, down_proj; down_proj input-scaled)"
+    if adapter == "vera":
+        return "PEFT VeRA on q_proj and v_proj"
+    return f"LoRA on all linears, alpha {s['lora_alpha']}"
 
 
 def _load(load) -> str:
@@ -249,7 +267,7 @@ def write_outputs(result: BenchResult, args: argparse.Namespace) -> list[str]:
     """Write every file the run promises; return their paths for the closing message."""
     tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"lora_{tag}")
+    stem = os.path.join(args.out_dir, f"{args.adapter}_{tag}")
     table = markdown_table(result)
     paths = [stem + ".json", stem + ".csv", stem + ".md"]
     write_json(result, paths[0])
@@ -261,7 +279,8 @@ def write_outputs(result: BenchResult, args: argparse.Namespace) -> list[str]:
     if not args.no_plot:
         from fxlora.bench.plot import plot_result
 
-        plot_path = args.plot or (os.path.join(args.out_dir, "lora_quick.png") if args.quick else DEFAULT_PLOT)
+        default_plot = DEFAULT_PLOT.replace("lora", args.adapter)
+        plot_path = args.plot or (os.path.join(args.out_dir, f"{args.adapter}_quick.png") if args.quick else default_plot)
         plot_result(result, plot_path)
         paths.append(plot_path)
     return paths

@@ -32,12 +32,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from fxlora.bench.models import tiny_model, token_batch, with_lora
+from fxlora.bench.models import tiny_model, token_batch, with_ia3, with_lora, with_vera
 
 FLOOR = "floor"
 PEERS = ("peft-eager", "peft-inductor")
 CONTESTANTS = (FLOOR, *PEERS, "fxlora")
 DTYPES = ("fp32", "bf16")
+ADAPTERS = ("lora", "ia3", "vera")  # PEFT LoraConfig, IA3Config (default targets), VeraConfig
 INNERS = ("inductor", "aot_eager")
 MIB = 2**20
 NOISY_SPREAD = 0.25  # (max - min) / median of the timed steps above which a step time is flagged noisy
@@ -82,6 +83,7 @@ class Settings:
     """
 
     shape: ModelShape = ModelShape()
+    adapter: str = "lora"
     dtype: str = "fp32"
     steps: int = 5
     warmup: int = 2
@@ -97,6 +99,8 @@ class Settings:
         unknown = [c for c in self.contestants if c not in CONTESTANTS]
         if unknown or not self.contestants:
             raise ValueError(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.inner not in INNERS:
@@ -228,6 +232,10 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
     if name == FLOOR:
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # something must need grad for backward to run
+    elif settings.adapter == "ia3":  # PEFT's default IA3 targets; rank and dropout do not apply
+        model = with_ia3(model, s.family, seed=settings.seed)
+    elif settings.adapter == "vera":
+        model = with_vera(model, s.family, r=case.rank, dropout=case.dropout, seed=settings.seed)
     else:
         model = with_lora(model, s.family, r=case.rank, alpha=settings.lora_alpha, dropout=case.dropout, seed=settings.seed)
     return model.to(settings.device).train()

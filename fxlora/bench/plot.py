@@ -33,7 +33,8 @@ def plot_result(result: BenchResult, path: str) -> None:
         for col, (figure, ylabel) in enumerate(PANELS):
             ax = axes[row][col]
             _panel(ax, [m for m in ok if (m.rank, m.dropout) == (rank, dropout)], figure)
-            ax.set_title(f"rank {rank}, dropout {dropout:g}: {ylabel.split(' (')[0]}", fontsize=10)
+            config = "IA3" if result.settings.get("adapter") == "ia3" else f"rank {rank}, dropout {dropout:g}"
+            ax.set_title(f"{config}: {ylabel.split(' (')[0]}", fontsize=10)
             ax.set_ylabel(ylabel)
             if row == len(rows) - 1:
                 ax.set_xlabel("sequence length (batch %d)" % result.settings["shape"]["batch"])
@@ -69,11 +70,14 @@ def _value(m: Measurement, figure: str) -> float:
     return m.saved_bytes / MIB if figure == "saved_bytes" else getattr(m, figure)
 
 
+ADAPTER_LABELS = {"lora": "LoRA all-linear", "ia3": "IA3 (PEFT default targets)", "vera": "VeRA q/v"}
+
+
 def _subtitle(result: BenchResult) -> str:
     s, m = result.settings, result.machine
     shape = s["shape"]
     return (
         f"{shape['family']} h{shape['hidden']} i{shape['intermediate']} L{shape['layers']} vocab {shape['vocab']}, "
-        f"LoRA all-linear, {s['dtype']}, AdamW; {m['processor']} x{m['cpu_count']}, torch {m['torch']}, "
+        f"{ADAPTER_LABELS[s.get('adapter', 'lora')]}, {s['dtype']}, AdamW; {m['processor']} x{m['cpu_count']}, torch {m['torch']}, "
         f"inner {s['inner']}; median of {s['steps']} steps"
     )

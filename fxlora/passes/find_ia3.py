@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxlora.graph_utils import (
+    autocast_state,
     MUL_TARGETS,
     VIEW_METHODS,
     is_method,
@@ -29,7 +30,6 @@ from fxlora.graph_utils import (
     strip_casts,
     value,
 )
-from fxlora.passes.find_lora import _autocast_state
 from fxlora.sites import Rejection, ScalingMatch, ScalingNodes, ScalingSite
 
 
@@ -39,7 +39,7 @@ class NotASite(Exception):
 
 def find_ia3_sites(gm: fx.GraphModule) -> ScalingMatch:
     """Match every IA3 site of `gm`; never mutates the graph."""
-    autocast = _autocast_state(gm.graph)
+    autocast = autocast_state(gm.graph)
     found: list[tuple[ScalingNodes, str, str]] = []
     rejections: list[Rejection] = []
     for node in gm.graph.nodes:

@@ -17,15 +17,15 @@ import torch
 import torch.fx as fx
 
 from fxlora.graph_utils import (
+    autocast_state,
+    linear_layer,
     ADD_TARGETS,
     ADDMM_TARGETS,
     DROPOUT_TARGETS,
     LINEAR_TARGETS,
     MUL_TARGETS,
-    VIEW_METHODS,
     arg,
     is_call,
-    is_method,
     is_tensor_input,
     module_path,
     requires_grad,
@@ -42,7 +42,7 @@ class _NotASite(Exception):
 def find_lora_sites(gm: fx.GraphModule) -> LoraMatch:
     """Match every LoRA site of `gm`; never mutates the graph."""
     graph = gm.graph
-    autocast = _autocast_state(graph)
+    autocast = autocast_state(graph)
     chains = [n for n in graph.nodes if _is_low_rank_chain(n)]
     # Branch outputs let a later adapter on the same layer see through an earlier one.
     branch_outputs = {_branch_output(xab): xab for xab in chains}
@@ -206,29 +206,13 @@ def _scalar_operand(mul: fx.Node, xab: fx.Node) -> Union[float, fx.Node]:
 
 def _base_layer(node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
     """`linear(x, W, b)` or GPT-2's Conv1D `addmm(b, x.view(-1, in), W).view(...)`: (x, W, b, kind)."""
-    if is_call(node, LINEAR_TARGETS):
-        x, weight, bias = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
-        if is_tensor_input(weight) and (bias is None or is_tensor_input(bias)):
-            return x, weight, bias, "linear"
-    if is_method(node, VIEW_METHODS) and is_call(node.args[0], ADDMM_TARGETS):
-        mm = node.args[0]
-        bias, flat, weight = mm.args[0], mm.args[1], mm.args[2]
-        if (
-            not mm.kwargs
-            and _only_user(mm, "the Conv1D matmul") is node
-            and is_method(flat, VIEW_METHODS)
-            and is_tensor_input(weight)
-            and is_tensor_input(bias)
-            and value(bias).dim() == 1
-        ):
-            x = flat.args[0]
-            xv, ov = value(x), value(node)
-            if xv.shape[:-1] == ov.shape[:-1] and xv.shape[-1] == value(weight).shape[0]:
-                return x, weight, bias, "conv1d"
-    raise _NotASite(
-        f"the adapter is added to {_op_name(node)}, not to a linear layer's output "
-        "(quantized and custom bases are not matched)"
-    )
+    layer = linear_layer(node)
+    if layer is None:
+        raise _NotASite(
+            f"the adapter is added to {_op_name(node)}, not to a linear layer's output "
+            "(quantized and custom bases are not matched)"
+        )
+    return layer[:4]
 
 
 def _op_name(node) -> str:
@@ -241,30 +225,6 @@ def _op_name(node) -> str:
 
 
 # --- description --------------------------------------------------------------------
-
-
-def _autocast_state(graph: fx.Graph) -> dict[fx.Node, str]:
-    """Which nodes run inside `torch.autocast(...)`, as 'device:dtype': the region the graph
-    opens, or the one the compiled call itself runs in (Dynamo traces under the caller's state)."""
-    ambient = [
-        f"{d}:{str(torch.get_autocast_dtype(d)).removeprefix('torch.')}"
-        for d in ("cuda", "cpu")
-        if torch.is_autocast_enabled(d)
-    ]
-    state, stack = {}, ambient[:1]
-    for node in graph.nodes:
-        target = getattr(node.target, "__name__", "")
-        if node.op == "call_function" and target == "_enter_autocast":
-            device, dtype, enabled = (list(node.args) + [None, None, True])[:3]
-            if dtype is None and isinstance(device, str):
-                dtype = torch.get_autocast_dtype(device)
-            stack.append(f"{device}:{str(dtype).removeprefix('torch.')}" if enabled else None)
-        elif node.op == "call_function" and target == "_exit_autocast":
-            if stack:
-                stack.pop()
-        elif stack and stack[-1]:
-            state[node] = stack[-1]
-    return state
 
 
 def _describe(index: int, nodes: LoraNodes, base_kind: str, stacked: int, autocast) -> LoraSite:

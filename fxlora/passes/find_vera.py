@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxlora.graph_utils import (
+    autocast_state,
     ADD_TARGETS,
     DROPOUT_TARGETS,
     LINEAR_TARGETS,
@@ -25,13 +26,12 @@ from fxlora.graph_utils import (
     value,
 )
 from fxlora.passes.find_ia3 import NotASite, check_base, check_vector, describe, group_sites, trace_vector
-from fxlora.passes.find_lora import _autocast_state
 from fxlora.sites import Rejection, ScalingMatch, ScalingNodes
 
 
 def find_vera_sites(gm: fx.GraphModule) -> ScalingMatch:
     """Match every VeRA site of `gm`; never mutates the graph."""
-    autocast = _autocast_state(gm.graph)
+    autocast = autocast_state(gm.graph)
     sites, rejections = [], []
     for node in gm.graph.nodes:
         try:

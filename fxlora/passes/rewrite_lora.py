@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import sympy
 import torch
@@ -18,8 +18,9 @@ import torch.fx as fx
 
 from fxlora import cost
 from fxlora.config import Config
-from fxlora.graph_utils import value
+from fxlora.graph_utils import size_decider, size_expr, value
 from fxlora.ops import lora as lora_ops  # noqa: F401  (registers torch.ops.fxlora.*)
+from fxlora.passes import rewrite_velora
 from fxlora.sites import LoraMatch, LoraSite
 
 log = logging.getLogger("fxlora")
@@ -43,7 +44,7 @@ class Decision:
 
 def rewrite_lora_sites(gm: fx.GraphModule, match: LoraMatch, config: Config) -> list[Decision]:
     """Price every site, rewrite the legal ones in place; returns one Decision per site."""
-    decide = _decider(gm)
+    decide = size_decider(gm)
     decisions = []
     last_draw: Optional[fx.Node] = None  # RNG output of the previous dropout site: masks drawn in program order
     for site in match.sites:
@@ -57,9 +58,17 @@ def rewrite_lora_sites(gm: fx.GraphModule, match: LoraMatch, config: Config) -> 
             priced, objective=config.objective, flop_budget=config.flop_budget,
             decide=decide, forced=config.forced_form(),
         )
+        lossy, v, note = rewrite_velora.plan(site, shape, config)  # opt-in `compress` only
+        if lossy is not None:
+            chosen, why, priced = lossy, note, [*priced, lossy]
+        elif note:
+            why = f"{why}; {note}"
         decision = Decision(site.index, shape, priced, None, cost.peft_saved_bytes(shape).subs(_sizes(shape)), why)
         if config.rewrite:
-            last_draw = _replace_site(gm.graph, site, chosen.form, last_draw)
+            if lossy is not None:
+                rewrite_velora.replace_site(gm, site, v)
+            else:
+                last_draw = _replace_site(gm.graph, site, chosen.form, last_draw)
             decision.chosen = chosen
         else:
             decision.reason = f"rewrite=False (would choose {chosen.form.name}: {why})"
@@ -73,13 +82,13 @@ def rewrite_lora_sites(gm: fx.GraphModule, match: LoraMatch, config: Config) -> 
 def site_shape(site: LoraSite) -> cost.SiteShape:
     tokens = sympy.Integer(1)
     for d in site.tokens:
-        tokens *= _expr(d)
+        tokens *= size_expr(d)
     adapter_dtype = value(site.nodes.xab).dtype
     return cost.SiteShape(
         tokens=tokens,
-        in_features=_expr(site.in_features),
-        out_features=_expr(site.out_features),
-        rank=_expr(site.rank),
+        in_features=size_expr(site.in_features),
+        out_features=size_expr(site.out_features),
+        rank=size_expr(site.rank),
         x_bytes=site.x_dtype.itemsize,
         adapter_bytes=adapter_dtype.itemsize,
         a_trainable=site.a_trainable,
@@ -92,10 +101,6 @@ def site_shape(site: LoraSite) -> cost.SiteShape:
 
 def _sizes(shape: cost.SiteShape) -> dict:
     return {cost.T: shape.tokens, cost.I: shape.in_features, cost.O: shape.out_features, cost.R: shape.rank}
-
-
-def _expr(size) -> sympy.Expr:
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
 def _why_not_rewritable(site: LoraSite, config: Config) -> str:
@@ -169,22 +174,3 @@ def _erase_dead(nodes) -> None:
     for node in nodes:
         if isinstance(node, fx.Node) and not node.users:
             node.graph.erase_node(node)
-
-
-def _decider(gm: fx.GraphModule) -> Callable[[sympy.Basic], bool]:
-    """Evaluate a relation between sizes; on symbolic sizes this installs a Dynamo guard."""
-    shape_env = None
-    for node in gm.graph.find_nodes(op="placeholder"):
-        fake_mode = getattr(value(node), "fake_mode", None)
-        if fake_mode is not None and fake_mode.shape_env is not None:
-            shape_env = fake_mode.shape_env
-            break
-
-    def decide(relation: sympy.Basic) -> bool:
-        if relation in (sympy.true, sympy.false):
-            return bool(relation)
-        if shape_env is None or not relation.free_symbols:
-            return bool(relation)
-        return bool(shape_env.evaluate_expr(relation))
-
-    return decide

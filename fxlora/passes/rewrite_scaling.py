@@ -15,9 +15,8 @@ import torch.fx as fx
 
 from fxlora import cost_scaling as cost
 from fxlora.config import Config
-from fxlora.graph_utils import is_method, strip_casts, value
+from fxlora.graph_utils import is_method, size_decider, size_expr, strip_casts, value
 from fxlora.ops import ia3 as _ia3_ops, vera as _vera_ops  # noqa: F401  (register torch.ops.fxlora.*)
-from fxlora.passes.rewrite_lora import _decider, _expr
 from fxlora.sites import ScalingMatch, ScalingSite
 
 # Producers of x that Inductor's partitioner can rebuild from tensors saved anyway (with
@@ -44,7 +43,7 @@ class ScalingDecision:
 
 
 def rewrite_scaling_sites(gm: fx.GraphModule, match: ScalingMatch, config: Config) -> list[ScalingDecision]:
-    decide = _decider(gm)
+    decide = size_decider(gm)
     decisions = []
     for site in match.sites:
         why_not = _why_not_rewritable(site)
@@ -70,15 +69,15 @@ def rewrite_scaling_sites(gm: fx.GraphModule, match: ScalingMatch, config: Confi
 def site_shape(site: ScalingSite, x_rebuilt: bool = False) -> cost.ScalingShape:
     tokens = sympy.Integer(1)
     for d in site.tokens:
-        tokens *= _expr(d)
+        tokens *= size_expr(d)
     n = site.nodes
     mixed = len({site.compute_dtype, site.vector_dtype, site.out_dtype, site.weight_dtype, site.x_dtype}) > 1
     return cost.ScalingShape(
         kind=site.kind,
         tokens=tokens,
-        in_features=_expr(site.in_features),
-        out_features=_expr(site.out_features),
-        rank=_expr(site.rank) if site.rank is not None else sympy.Integer(0),
+        in_features=size_expr(site.in_features),
+        out_features=size_expr(site.out_features),
+        rank=size_expr(site.rank) if site.rank is not None else sympy.Integer(0),
         x_bytes=site.x_dtype.itemsize,
         compute_bytes=site.compute_dtype.itemsize,
         shared_x=site.shared_x,

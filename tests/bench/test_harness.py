@@ -78,3 +78,14 @@ def test_cli_redraws_from_json(result, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert "| 16 | 4 | 0 | fxlora |" in capsys.readouterr().out
     assert (tmp_path / "latest.md").exists() and (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("adapter, case", [("ia3", Case(16, 0, 0.0)), ("vera", Case(16, 4, 0.0))])
+def test_ia3_and_vera_rows(adapter, case):
+    """The same contestants for IA3 and VeRA; fxlora rewrote something, so the row measures the rewrite."""
+    settings = Settings(shape=TINY, adapter=adapter, steps=1, warmup=1, inner="aot_eager")
+    result = run_sweep([case], settings)
+    assert {m.contestant for m in result.measurements if m.error is None} == set(CONTESTANTS)
+    assert result.settings["adapter"] == adapter
+    fx = next(m for m in result.measurements if m.contestant == "fxlora")
+    assert fx.saved_bytes > 0
