@@ -63,6 +63,12 @@ def _dropped(x: Tensor, noise: Tensor, dtype: torch.dtype) -> Tensor:
     return (x.to(noise.dtype) * noise).to(dtype)
 
 
+def _merged_weight(W: Tensor, A: Tensor, B: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    """W + s B A in one GEMM that accumulates into a copy of W (scaling the small B): the
+    (out, in) matrix is written once, not by separate mul and add passes."""
+    return torch.addmm(W.to(dtype), s * B, A)
+
+
 def _base_weight(weight: Tensor, conv1d: bool) -> Tensor:
     """W as (out, in): GPT-2's Conv1D stores it transposed (fan_in_fan_out)."""
     return weight.t() if conv1d else weight
@@ -101,7 +107,7 @@ def lora_linear(
         x_in = x.to(adapter_dtype)
     b = None if bias is None else bias.to(base_dtype)
     if forward_form == 2:  # x (W + s B A)^T: one big GEMM, the merged weight is transient
-        merged = W.to(adapter_dtype) + s * (B @ A)
+        merged = _merged_weight(W, A, B, s, adapter_dtype)
         y = torch.nn.functional.linear(x_in, merged.to(base_dtype), b)
         y = y.to(torch.promote_types(base_dtype, adapter_dtype))
         xa_full = torch.nn.functional.linear(x_in, A) if save_xa else None
@@ -214,7 +220,7 @@ def lora_linear_backward(
     if need_x:
         dy_b = dy.to(base_dtype)
         if dX_by == "merged":
-            merged = W.to(adapter_dtype) + s * (B @ A)
+            merged = _merged_weight(W, A, B, s, adapter_dtype)
             dX = dy_b @ merged.to(base_dtype)
         else:
             if noise is None and base_dtype == adapter_dtype:  # accumulate into the base GEMM's output
