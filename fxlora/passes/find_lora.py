@@ -166,6 +166,9 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
     if stacked == 0:
         _only_user(base, "the base layer's output W x")
 
+    if adapter_input is not x and x in casts:  # x is itself a cast (diffusers' attention output): stop there
+        casts = casts[: casts.index(x)]
+        adapter_input = x
     if adapter_input is not x:
         raise _NotASite(
             f"the adapter reads {adapter_input.name if isinstance(adapter_input, fx.Node) else adapter_input!r}, "

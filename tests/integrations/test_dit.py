@@ -31,6 +31,8 @@ def test_dit_lora_sites_rewritten_and_gradients_equal_eager():
         torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     report = fxlora.last_report()
     found = {s.module.split(".")[-1] if not s.module.endswith(".0") else "to_out.0" for s in report.sites}
-    # q, k, v (one shared-input group) and the feed-forward pair are matched and rewritten.
-    assert {"to_q", "to_k", "to_v", "proj", "2"} <= found, str(report)
+    # q, k, v (one shared-input group), the output projection (whose input is a cast the base
+    # reads too) and the feed-forward pair: all matched and rewritten.
+    assert {"to_q", "to_k", "to_v", "to_out.0", "proj", "2"} <= found, str(report)
+    assert not report.rejections, str(report)
     assert all(d.rewritten for g in report.graphs for d in g.decisions)
