@@ -28,7 +28,9 @@ from typing import Any, Optional, Sequence
 
 from fxlora.bench.harness import (
     ADAPTERS,
+    ALL_CONTESTANTS,
     CONTESTANTS,
+    VARIANTS,
     DTYPES,
     INNERS,
     MIB,
@@ -40,6 +42,7 @@ from fxlora.bench.harness import (
     Settings,
     measurement_columns,
     run_sweep,
+    contestants_for,
     steps_per_case,
     sweep_cases,
 )
@@ -71,6 +74,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sweep.add_argument("--ranks", type=_ints, help=f"comma-separated LoRA ranks [{_csv(DEFAULT_RANKS)}]")
     sweep.add_argument("--dropouts", type=_floats, help=f"comma-separated LoRA dropouts [{_csv(DEFAULT_DROPOUTS)}]")
     sweep.add_argument("--contestants", type=_names, default=CONTESTANTS, help=f"comma-separated subset of [{_csv(CONTESTANTS)}]")
+    sweep.add_argument("--variants", type=_variants, default=("exact",),
+                       help=f"fxlora forms to run, comma-separated from [{_csv(VARIANTS)}] (docs/lossy.md); "
+                            "a lora-fa variant adds peft-fa-eager/peft-fa-inductor (PEFT with every A frozen) [exact]")
 
     step = p.add_argument_group("step")
     step.add_argument("--steps", type=int, default=5, help="timed steps per contestant, median reported; measuring.md wants >= 5 [%(default)s]")
@@ -110,9 +116,17 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = [n for n in names if n not in CONTESTANTS]
+    unknown = [n for n in names if n not in ALL_CONTESTANTS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown contestants {unknown}; choose from {_csv(CONTESTANTS)}")
+        raise argparse.ArgumentTypeError(f"unknown contestants {unknown}; choose from {_csv(ALL_CONTESTANTS)}")
+    return names
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variants {unknown}; choose from {_csv(VARIANTS)}")
     return names
 
 
@@ -142,7 +156,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         dtype=args.dtype,
         steps=args.steps,
         warmup=args.warmup,
-        contestants=args.contestants,
+        contestants=contestants_for(args.contestants, args.variants),
         inner=args.inner,
         fxlora_options=args.fxlora_options,
         seed=args.seed,

@@ -37,6 +37,14 @@ from fxlora.bench.models import tiny_model, token_batch, with_ia3, with_lora, wi
 FLOOR = "floor"
 PEERS = ("peft-eager", "peft-inductor")
 CONTESTANTS = (FLOOR, *PEERS, "fxlora")
+# Opt-in forms (docs/lossy.md). `variants` turns the fxlora contestant into one per variant
+# ("fxlora" = exact, "fxlora-<variant>" otherwise); a LoRA-FA variant brings PEFT with every
+# A frozen, eager and Inductor: the honest peer, since autograd then keeps only x A^T too.
+VARIANTS = ("exact", "lora-fa", "velora", "lora-fa+velora")
+FA_PEERS = ("peft-fa-eager", "peft-fa-inductor")
+VARIANT_CONTESTANTS = tuple("fxlora" if v == "exact" else f"fxlora-{v}" for v in VARIANTS)
+ALL_CONTESTANTS = (*CONTESTANTS, *FA_PEERS, *VARIANT_CONTESTANTS[1:])
+VELORA_BENCH = {"method": "velora", "sub_token": "D/32", "targets": ["all"]}  # every site: no x left saved
 DTYPES = ("fp32", "bf16")
 ADAPTERS = ("lora", "ia3", "vera")  # PEFT LoraConfig, IA3Config (default targets), VeraConfig
 INNERS = ("inductor", "aot_eager")
@@ -96,9 +104,9 @@ class Settings:
     device: str = "cpu"
 
     def __post_init__(self):
-        unknown = [c for c in self.contestants if c not in CONTESTANTS]
+        unknown = [c for c in self.contestants if c not in ALL_CONTESTANTS]
         if unknown or not self.contestants:
-            raise ValueError(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+            raise ValueError(f"unknown contestants {unknown}; choose from {', '.join(ALL_CONTESTANTS)}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.dtype not in DTYPES:
@@ -232,6 +240,16 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
     if name == FLOOR:
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # something must need grad for backward to run
+    elif name in FA_PEERS or name.startswith("fxlora-"):
+        model = with_lora(model, s.family, r=case.rank, alpha=settings.lora_alpha, dropout=case.dropout, seed=settings.seed)
+        if "velora" in name:  # v from the batch every step sees (deterministic from the seed)
+            import fxlora
+
+            fxlora.velora.prepare(model, token_batch(s.batch, case.seq, s.vocab, settings.seed), VELORA_BENCH)
+        if "lora-fa" in name or name in FA_PEERS:
+            import fxlora
+
+            fxlora.freeze_lora_A(model)
     elif settings.adapter == "ia3":  # PEFT's default IA3 targets; rank and dropout do not apply
         model = with_ia3(model, s.family, seed=settings.seed)
     elif settings.adapter == "vera":
@@ -243,10 +261,13 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
 
 def compile_for(name: str, model: nn.Module, settings: Settings) -> nn.Module:
     """torch.compile once per contestant per case; with inner="aot_eager" every compiler skips codegen."""
-    if name == "peft-eager":
+    if name in ("peft-eager", "peft-fa-eager"):
         return model
-    if name == "fxlora":
-        return torch.compile(model, backend="fxlora", options=fxlora_options(settings))
+    if name == "fxlora" or name.startswith("fxlora-"):
+        options = fxlora_options(settings)
+        if "velora" in name:
+            options["compress"] = VELORA_BENCH
+        return torch.compile(model, backend="fxlora", options=options)
     if settings.inner == "aot_eager":
         return torch.compile(model, backend="aot_eager")
     return torch.compile(model)
@@ -397,7 +418,7 @@ def measure_case(case: Case, settings: Settings, progress: Progress = Progress()
 
 def first_step(c: Contestant, batch, settings: Settings) -> None:
     """The step that compiles: its time and its loss (weights still untouched, so comparable across contestants)."""
-    reports_before = _fxlora_report_count() if c.name == "fxlora" else None
+    reports_before = _fxlora_report_count() if c.name.startswith("fxlora") else None
     c.result.first_step_ms, c.result.first_loss = timed_step(c, batch, settings, settings.seed)
     if reports_before is not None:
         c.result.fxlora_sites = _fxlora_sites_since(reports_before)
@@ -485,6 +506,22 @@ def adapter_tax(value: float, floor: Optional[float], peer: Optional[float]) -> 
 # ----------------------------------------------------------------------------- the sweep
 
 
+def contestants_for(contestants: Sequence[str], variants: Sequence[str]) -> tuple[str, ...]:
+    """Expand "fxlora" into one contestant per variant; a LoRA-FA variant adds PEFT-with-A-frozen peers."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    out: list[str] = []
+    for c in contestants:
+        if c == "fxlora":
+            out += [VARIANT_CONTESTANTS[VARIANTS.index(v)] for v in variants]
+        else:
+            out.append(c)
+    if any("lora-fa" in v for v in variants):
+        out += [f"peft-fa-{p.removeprefix('peft-')}" for p in PEERS if p in contestants]
+    return tuple(dict.fromkeys(out))
+
+
 def sweep_cases(seqs: Iterable[int], ranks: Iterable[int], dropouts: Iterable[float]) -> list[Case]:
     """Ordered so a rank/dropout pair's seqs run together: short configs first, failures show early."""
     return [Case(s, r, p) for r in ranks for p in dropouts for s in seqs]
@@ -537,6 +574,8 @@ def settings_record(settings: Settings, cases: Sequence[Case]) -> dict[str, Any]
     record["fxlora_options"] = dict(settings.fxlora_options)
     record["fxlora_options_used"] = fxlora_options(settings)
     record["contestants"] = list(settings.contestants)
+    if any("velora" in c for c in settings.contestants):
+        record["velora"] = VELORA_BENCH
     record["seqs"] = sorted({c.seq for c in cases})
     record["ranks"] = sorted({c.rank for c in cases})
     record["dropouts"] = sorted({c.dropout for c in cases})

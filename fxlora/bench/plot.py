@@ -7,13 +7,18 @@ times carry bars from the fastest to the slowest timed step.
 from __future__ import annotations
 
 import os
-from fxlora.bench.harness import CONTESTANTS, MIB, BenchResult, Measurement
+from fxlora.bench.harness import ALL_CONTESTANTS, MIB, BenchResult, Measurement
 
 STYLE = {  # one look per contestant across every panel
     "floor": dict(color="0.45", linestyle="--", marker="s"),
     "peft-eager": dict(color="tab:blue", marker="o"),
     "peft-inductor": dict(color="tab:orange", marker="^"),
     "fxlora": dict(color="tab:green", marker="D", linewidth=2.2),
+    "peft-fa-eager": dict(color="tab:blue", marker="o", linestyle=":"),
+    "peft-fa-inductor": dict(color="tab:orange", marker="^", linestyle=":"),
+    "fxlora-lora-fa": dict(color="tab:green", marker="D", linestyle=":"),
+    "fxlora-velora": dict(color="tab:red", marker="v", linestyle="-."),
+    "fxlora-lora-fa+velora": dict(color="tab:purple", marker="x", linestyle=":"),
 }
 PANELS = (("step_ms", "step time (ms)"), ("saved_bytes", "saved for backward (MiB)"))
 
@@ -49,7 +54,7 @@ def plot_result(result: BenchResult, path: str) -> None:
 
 def _panel(ax, measurements: list[Measurement], figure: str) -> None:
     seqs = sorted({m.seq for m in measurements})
-    for name in CONTESTANTS:
+    for name in ALL_CONTESTANTS:
         mine = sorted((m for m in measurements if m.contestant == name), key=lambda m: m.seq)
         if not mine:
             continue

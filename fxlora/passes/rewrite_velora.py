@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxlora import cost
-from fxlora.config import Config, compress_targets
+from fxlora.config import Config, compress_targets, sub_token_size
 from fxlora.graph_utils import value
 from fxlora.ops import velora as velora_ops  # noqa: F401  (registers torch.ops.fxlora.velora_*)
 from fxlora.sites import LoraSite
@@ -34,6 +34,8 @@ def plan(site: LoraSite, shape: cost.SiteShape, config: Config) -> tuple[Optiona
         return None, None, "velora targeted, nothing to compress: A frozen, so x A^T is saved instead of x (exact)"
     if site.dropout_p:
         return None, None, "velora targeted but not applied: dropout sites stay exact"
+    if not isinstance(site.in_features, torch.SymInt) and sub_token_size(spec["sub_token"], int(site.in_features)) is None:
+        return None, None, f"velora targeted but not applied: sub_token {spec['sub_token']} does not divide in={site.in_features}"
     v = _vector(site)
     if v is None:
         return None, None, "velora targeted but not applied: no v (call fxlora.velora.prepare(model, batch, compress))"
