@@ -11,10 +11,12 @@ are never consulted for matching, only for the report.
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Optional, Union
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from fxlora.graph_utils import (
     autocast_state,
@@ -56,6 +58,7 @@ def find_lora_sites(gm: fx.GraphModule) -> LoraMatch:
             rejections.append(Rejection(xab.name, module_path(xab), str(why)))
             continue
         sites.append(_describe(len(sites), nodes, base_kind, stacked, autocast.get(nodes.add)))
+    rejections.extend(_unsupported_layer_adapters(graph))
 
     groups: dict[fx.Node, list[int]] = {}
     for site in sites:
@@ -74,6 +77,54 @@ def find_lora_sites(gm: fx.GraphModule) -> LoraMatch:
         or is_call(n, ADDMM_TARGETS)
     )
     return LoraMatch(sites, rejections, input_groups, linears)
+
+
+# --- look-alikes on layers fxlora does not rewrite ------------------------------------
+
+_CONV_TARGETS = (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
+_EMBEDDING_TARGETS = (F.embedding, torch.embedding)
+_MATMUL_TARGETS = (torch.matmul, operator.matmul)
+
+
+def _unsupported_layer_adapters(graph: fx.Graph) -> list[Rejection]:
+    """Adapters on Conv and Embedding layers (PEFT: `conv(conv(x, A), B)`, `embedding(ids, A^T) @ B^T`)
+    are not rewritten; name them so explain says why, instead of staying silent."""
+    found = []
+    for node in graph.nodes:
+        if is_call(node, _CONV_TARGETS) and is_call(node.args[0], _CONV_TARGETS) and _low_rank_pair(
+            arg(node.args[0], 1, "weight"), arg(node, 1, "weight"), pointwise_outer=True
+        ):
+            found.append(Rejection(
+                node.name, module_path(node),
+                "a low-rank conv chain (LoRA on a Conv layer): fxlora only rewrites adapters on linear and "
+                "Conv1D bases; kept as graph ops",
+            ))
+        elif (
+            is_call(node, _MATMUL_TARGETS)
+            and is_call(node.args[0], _EMBEDDING_TARGETS)
+            and not is_tensor_input(arg(node.args[0], 1, "weight"))  # PEFT looks up rows of A^T, not a weight
+            and _low_rank_pair(arg(node.args[0], 1, "weight"), node.args[1], transposed_inner=True)
+        ):
+            found.append(Rejection(
+                node.name, module_path(node),
+                "embedding(ids, A^T) @ B^T (LoRA on an Embedding): fxlora only rewrites adapters on linear and "
+                "Conv1D bases; kept as graph ops",
+            ))
+    return found
+
+
+def _low_rank_pair(inner, outer, *, pointwise_outer=False, transposed_inner=False) -> bool:
+    """Inner weight maps in -> r, outer r -> out, with r below both: a plain CNN's conv(conv(x))
+    or an embedding followed by a projection is not an adapter."""
+    A, B = value(inner), value(outer)
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or A.dim() < 2 or B.dim() < 2:
+        return False
+    r, n_in = (A.shape[1], A.shape[0]) if transposed_inner else (A.shape[0], A.shape[1])
+    n_out = B.shape[1] if transposed_inner else B.shape[0]
+    rank_in = B.shape[0] if transposed_inner else B.shape[1]
+    if pointwise_outer and any(k != 1 for k in B.shape[2:]):
+        return False
+    return r == rank_in and _lt(r, n_in) and _lt(r, n_out)
 
 
 # --- the chain --------------------------------------------------------------------
