@@ -16,7 +16,10 @@ import torch.fx as fx
 from fxlora.config import Config, check_mode
 from fxlora.explain import GraphReport, record
 from fxlora.verify import verify_first_call
-from fxlora.passes import find_ia3_sites, find_lora_sites, find_vera_sites, rewrite_lora_sites, rewrite_scaling_sites
+from fxlora.passes import (
+    find_ia3_sites, find_lora_sites, find_reft_sites, find_vera_sites, rewrite_lora_sites, rewrite_reft_sites,
+    rewrite_scaling_sites,
+)
 
 log = logging.getLogger("fxlora")
 
@@ -41,21 +44,29 @@ def compile_graph(
     *,
     mode: Optional[str] = None,
     on_report: Callable[[GraphReport], None] = record,
+    run_with: Optional[str] = None,
 ) -> Callable:
-    """Run fxlora's passes on `gm`, report them, then hand the graph to the inner compiler."""
+    """Run fxlora's passes on `gm`, report them, then hand the graph to the inner compiler.
+
+    `run_with` runs the result with another inner compiler than the one the decisions were
+    made for (explain prices for Inductor but runs eagerly)."""
     compile_id = _compile_id()
     original, before = gm, gm.code
     match, decisions, fallback = None, [], None
-    scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, then VeRA
+    scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, VeRA, then ReFT
     try:
         # Match and rewrite a copy (one cheap node pass): if anything goes wrong the
         # untouched graph is still at hand.
         candidate = fx.GraphModule(gm, _copy_graph(gm))
         match = find_lora_sites(candidate)
         decisions = rewrite_lora_sites(candidate, match, config)
-        for find in (find_ia3_sites, find_vera_sites):  # IA3 and VeRA: same match -> price -> rewrite
+        for find, rewrite in (  # IA3, VeRA, ReFT (docs/reft.md): same match -> price -> rewrite
+            (find_ia3_sites, rewrite_scaling_sites),
+            (find_vera_sites, rewrite_scaling_sites),
+            (find_reft_sites, rewrite_reft_sites),
+        ):
             found = find(candidate)
-            scaling.append((found, rewrite_scaling_sites(candidate, found, config)))
+            scaling.append((found, rewrite(candidate, found, config)))
         gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
@@ -80,6 +91,8 @@ def compile_graph(
     if config.dump_graphs:
         _dump(report, config.dump_graphs)
     rewritten = any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds)
+    if run_with is not None:
+        config = config.replace(inner=run_with, verify=False)
     compiled = _inner_compile(gm, example_inputs, config, mode, rematerialize=config.rematerialize and rewritten)
     if config.verify and rewritten:
         n = sum(d.rewritten for d in decisions) + sum(d.rewritten for _, ds in scaling for d in ds)

@@ -26,7 +26,7 @@ class GraphReport:
     fallback: Optional[str] = None  # why the graph was left untouched, when it was
     decisions: list = field(default_factory=list)  # fxlora.passes.Decision per site
     notes: list[str] = field(default_factory=list)
-    scaling: list = field(default_factory=list)  # (ScalingMatch, [ScalingDecision]) per adapter kind: IA3, VeRA
+    scaling: list = field(default_factory=list)  # (ScalingMatch, [ScalingDecision]) per adapter kind: IA3, VeRA, ReFT
 
     @property
     def scaling_sites(self) -> list:
@@ -65,7 +65,7 @@ class Report:
 
     @property
     def scaling_sites(self) -> list:
-        """IA3 and VeRA sites of every graph."""
+        """IA3, VeRA and ReFT sites of every graph."""
         return [s for g in self.graphs for s in g.scaling_sites]
 
     @property
@@ -103,11 +103,11 @@ def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Repor
     from fxlora.backend import compile_graph
     from fxlora.config import Config
 
-    config = Config.from_options(options).replace(inner="eager")
+    config = Config.from_options(options)  # decisions as under the real inner compiler; run eagerly
     captured: list[GraphReport] = []
 
     def capture(gm, example_inputs, **_):
-        return compile_graph(gm, example_inputs, config, on_report=captured.append)
+        return compile_graph(gm, example_inputs, config, on_report=captured.append, run_with="eager")
 
     # A fresh backend object gets its own cache entry; lift the limit so repeated explains still trace.
     with torch._dynamo.config.patch(recompile_limit=10_000, accumulated_recompile_limit=10_000):
@@ -254,7 +254,8 @@ def _format_decisions(decisions) -> list[str]:
 
 # --- IA3 and VeRA: one generic table per adapter kind ------------------------------------
 
-_SCALING_KINDS = {"ia3_out": "IA3 (output scaling)", "ia3_in": "IA3 (input scaling)", "vera": "VeRA"}
+_SCALING_KINDS = {"ia3_out": "IA3 (output scaling)", "ia3_in": "IA3 (input scaling)", "vera": "VeRA",
+                  "loreft": "LoReFT", "direft": "DiReFT"}
 
 
 def _format_scaling(match, decisions) -> list[str]:
@@ -272,10 +273,10 @@ def _format_scaling(match, decisions) -> list[str]:
             "*".join(describe_size(t) for t in s.tokens) or "1", describe_size(s.in_features),
             describe_size(s.out_features), "-" if s.rank is None else describe_size(s.rank), dtype,
             "+".join(s.trainable), "yes" if s.has_bias else "no", str(s.shared_x),
-            "-" if d is None or not d.rewritten else d.chosen.form.name,
-            "-" if d is None or not d.rewritten else _mib(d.chosen.saved_bytes),
+            "-" if d is None or d.chosen is None else d.chosen.form.name,
+            "-" if d is None or d.chosen is None else _mib(d.chosen.saved_bytes),
             "-" if d is None or d.peft_saved_bytes is None else _mib(d.peft_saved_bytes),
-            "" if d is None else (d.reason if d.rewritten else "not rewritten: " + d.reason),
+            "" if d is None else (d.reason if d.chosen is not None else "not rewritten: " + d.reason),
         ))
     kinds = sorted({_SCALING_KINDS[s.kind].split(" ")[0] for s in match.sites}) or ["IA3/VeRA"]
     lines = [f"  {'/'.join(kinds)} sites: {len(match.sites)}, {len(match.rejections)} rejected"]
@@ -293,7 +294,7 @@ def _format_scaling(match, decisions) -> list[str]:
         lines.append(
             f"  candidates for {_SCALING_KINDS[shape.kind]} sites {','.join(str(g.site) for g in group)} "
             f"(T={shape.tokens}, i={shape.in_features}, o={shape.out_features}"
-            + (f", r={shape.rank}" if shape.kind == "vera" else "")
+            + (f", r={shape.rank}" if shape.kind in ("vera", "loreft", "direft") else "")
             + (f", x read by {shape.shared_x}" if shape.shared_x > 1 else "")
             + (", x rebuilt by the partitioner" if shape.x_rebuilt else "") + "):"
         )
