@@ -91,7 +91,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     step.add_argument("--no-compile-cache", action="store_true",
                       help="no graph caches and an empty kernel cache dir, so compile times are cold")
 
-    model = p.add_argument_group("model (a small random-init Llama)")
+    model = p.add_argument_group("model (a small random-init Llama, or a diffusers DiT with --family dit)")
+    model.add_argument("--family", choices=("llama", "dit"), help="[llama]; dit: LoRA on the DiT's attention and feed-forward linears, seq = patch tokens")
     defaults = ModelShape()
     for name in ("hidden", "intermediate", "layers", "heads", "vocab", "batch"):
         model.add_argument(f"--{name}", type=int, help=f"[{getattr(defaults, name)}; quick: {getattr(QUICK_SHAPE, name)}]")
@@ -149,7 +150,7 @@ def _csv(values) -> str:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     base = QUICK_SHAPE if args.quick else ModelShape()
-    overrides = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "batch") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("family", "hidden", "intermediate", "layers", "heads", "vocab", "batch") if getattr(args, k)}
     return Settings(
         shape=ModelShape(**{**_shape_dict(base), **overrides}),
         adapter=args.adapter,

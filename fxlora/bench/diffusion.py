@@ -57,9 +57,14 @@ def with_dit_lora(
     return model
 
 
+def dit_sample_size(seq: int, patch_size: int = 2) -> int:
+    """The latent side that gives about `seq` patch tokens."""
+    return patch_size * max(1, round(seq**0.5))
+
+
 def dit_batch(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """DiT inputs for `seq` tokens: latents of side 2*sqrt(seq) (patch 2), timesteps, class labels."""
-    side = 2 * max(1, round(seq**0.5))
+    side = dit_sample_size(seq)
     gen = torch.Generator().manual_seed(seed)
     return {
         "hidden_states": torch.randn(batch, IN_CHANNELS, side, side, generator=gen),

@@ -35,6 +35,7 @@ import torch.nn as nn
 from fxlora.bench.models import tiny_model, token_batch, with_ia3, with_lora, with_vera
 
 FLOOR = "floor"
+NOISE = "noise"  # the DiT batch's target, not a model input
 PEERS = ("peft-eager", "peft-inductor")
 CONTESTANTS = (FLOOR, *PEERS, "fxlora")
 # Opt-in forms (docs/lossy.md). `variants` turns the fxlora contestant into one per variant
@@ -233,6 +234,8 @@ class Contestant:
 def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
     """The same random weights for every contestant: tiny_model and with_lora seed themselves."""
     s = settings.shape
+    if s.family == "dit":
+        return _build_dit(name, case, settings)
     model = tiny_model(
         s.family, hidden=s.hidden, intermediate=s.intermediate, layers=s.layers, heads=s.heads,
         vocab=s.vocab, max_positions=max(4096, case.seq), seed=settings.seed,
@@ -257,6 +260,44 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
     else:
         model = with_lora(model, s.family, r=case.rank, alpha=settings.lora_alpha, dropout=case.dropout, seed=settings.seed)
     return model.to(settings.device).train()
+
+
+def _build_dit(name: str, case: Case, settings: Settings) -> nn.Module:
+    """A diffusers DiT seeing `case.seq` patch tokens (seed 000 measured DiT); LoRA on its linears."""
+    from fxlora.bench.diffusion import dit_sample_size, tiny_dit, with_dit_lora
+
+    if settings.adapter != "lora" or name != FLOOR and name not in PEERS and name != "fxlora":
+        raise ValueError("the DiT rows measure exact LoRA only (floor, peft-eager, peft-inductor, fxlora)")
+    s = settings.shape
+    model = tiny_dit(hidden=s.hidden, layers=s.layers, heads=s.heads, sample_size=dit_sample_size(case.seq), seed=settings.seed)
+    if name == FLOOR:
+        model.requires_grad_(False)
+        model.pos_embed.proj.weight.requires_grad_(True)  # the patch embedding: backward runs through every block
+    else:
+        model = with_dit_lora(model, r=case.rank, alpha=settings.lora_alpha, dropout=case.dropout, seed=settings.seed)
+    return model.to(settings.device).train()
+
+
+def make_batch(case: Case, settings: Settings) -> dict[str, torch.Tensor]:
+    """Token ids and labels for a language model; latents, timesteps, labels and the noise target for a DiT."""
+    s = settings.shape
+    if s.family == "dit":
+        from fxlora.bench.diffusion import IN_CHANNELS, dit_batch
+
+        batch = dit_batch(s.batch, case.seq, settings.seed)
+        gen = torch.Generator().manual_seed(settings.seed + 1)
+        batch[NOISE] = torch.randn(batch["hidden_states"].shape[0], IN_CHANNELS, *batch["hidden_states"].shape[2:], generator=gen)
+    else:
+        batch = token_batch(s.batch, case.seq, s.vocab, settings.seed)
+    return {k: v.to(settings.device) for k, v in batch.items()}
+
+
+def step_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if NOISE in batch:  # DiT: epsilon-prediction MSE
+        from fxlora.bench.diffusion import diffusion_loss
+
+        return diffusion_loss(model, {k: v for k, v in batch.items() if k != NOISE}, batch[NOISE])
+    return model(**batch).loss
 
 
 def compile_for(name: str, model: nn.Module, settings: Settings) -> nn.Module:
@@ -308,7 +349,7 @@ def train_step(c: Contestant, batch: Mapping[str, torch.Tensor], settings: Setti
     c.optimizer.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     with forward_context or contextlib.nullcontext(), autocast(settings):
-        loss = c.model(**batch).loss
+        loss = step_loss(c.model, batch)
     loss.backward()
     c.optimizer.step()
     return loss.item()
@@ -385,7 +426,7 @@ def probe_step(c: Contestant, batch, settings: Settings, seed: int) -> None:
 def measure_case(case: Case, settings: Settings, progress: Progress = Progress()) -> list[Measurement]:
     """All contestants on one case, interleaved step by step; compiled state is dropped afterwards."""
     torch._dynamo.reset()
-    batch = {k: v.to(settings.device) for k, v in token_batch(settings.shape.batch, case.seq, settings.shape.vocab, settings.seed).items()}
+    batch = make_batch(case, settings)
     failed: list[Measurement] = []
     alive: list[Contestant] = []
     for name in settings.contestants:

@@ -89,3 +89,13 @@ def test_ia3_and_vera_rows(adapter, case):
     assert result.settings["adapter"] == adapter
     fx = next(m for m in result.measurements if m.contestant == "fxlora")
     assert fx.saved_bytes > 0
+
+
+def test_dit_rows():
+    """The diffusion-transformer row: the same four contestants on a diffusers DiT with LoRA."""
+    pytest.importorskip("diffusers")
+    shape = ModelShape(family="dit", hidden=64, layers=1, heads=4, batch=2)
+    result = run_sweep([Case(16, 4, 0.0)], Settings(shape=shape, steps=1, warmup=1, inner="aot_eager"))
+    assert not result.errors, [m.error for m in result.errors]
+    assert [m.contestant for m in result.measurements] == list(CONTESTANTS)
+    assert all(m.saved_bytes > 0 for m in result.measurements)

@@ -1,0 +1,163 @@
+"""Find ReFT interventions on a frozen linear layer's output by their math (docs/reft.md).
+
+    LoReFT  out = h + matmul(linear(h, W_L, b_L) - linear(h, R), R)
+    DiReFT  out = h + matmul(linear(h, W_1, b_1), R)            h = linear(x, W, b)
+
+R is any (r, d) tensor that requires grad: a trainable weight, or the orthogonal
+parametrization's product computed inside the traced forward (householder, matrix_exp...);
+its computation is left in the graph and read as it is. W must be frozen, h and every
+intermediate read by the intervention only. An intervention on a slice of h (pyreft's
+positions: `h[:, :k]`) is matched and reported, never rewritten. Returns sites as
+`fxlora.sites.ScalingSite` (kind "loreft"/"direft") so explain and the backend treat
+them like IA3/VeRA sites.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxlora.graph_utils import (
+    ADD_TARGETS, LINEAR_TARGETS, arg, autocast_state, is_call, linear_layer, module_path, requires_grad, value,
+)
+from fxlora.passes.find_ia3 import NotASite, check_base
+from fxlora.sites import Rejection, ScalingMatch, ScalingSite
+
+MATMUL_TARGETS = (torch.matmul, operator.matmul)
+SUB_TARGETS = (operator.sub, torch.sub)
+
+
+@dataclass
+class ReftNodes:
+    x: fx.Node
+    weight: fx.Node
+    bias: Optional[fx.Node]
+    layer_out: fx.Node  # h
+    read: fx.Node  # what the intervention reads: h, or a slice of it
+    R: fx.Node  # (r, d)
+    W_L: fx.Node  # (r, d): W_L (LoReFT) or W_1 (DiReFT)
+    b_L: Optional[fx.Node]
+    out: fx.Node  # the add: every use is redirected
+    internal: tuple  # nodes that die with the rewrite, in erase order
+    positions: bool = False  # the intervention reads a slice of h
+
+
+def find_reft_sites(gm: fx.GraphModule) -> ScalingMatch:
+    """Match every ReFT site of `gm`; never mutates the graph."""
+    autocast = autocast_state(gm.graph)
+    sites, rejections = [], []
+    for node in gm.graph.nodes:
+        try:
+            proved = _prove(node)
+        except NotASite as why:
+            rejections.append(Rejection(node.name, module_path(node), f"ReFT: {why}"))
+            continue
+        if proved is not None:
+            sites.append(_describe(len(sites), *proved, autocast.get(node)))
+    return ScalingMatch(sites, rejections)
+
+
+def _lin(node) -> Optional[tuple]:
+    """(input, weight, bias) of a functional linear."""
+    if not is_call(node, LINEAR_TARGETS):
+        return None
+    return node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+
+
+def _prove(node: fx.Node):
+    if not (is_call(node, ADD_TARGETS) and len(node.args) == 2 and not node.kwargs):
+        return None
+    for base, P in (node.args, node.args[::-1]):
+        if isinstance(base, fx.Node) and is_call(P, MATMUL_TARGETS) and len(P.args) == 2:
+            found = _prove_chain(node, base, P)
+            if found is not None:
+                return found
+    return None
+
+
+def _prove_chain(add: fx.Node, read: fx.Node, P: fx.Node):
+    D, Rn = P.args
+    Rv, hv = value(Rn), value(read)
+    if not (isinstance(Rv, torch.Tensor) and isinstance(hv, torch.Tensor) and Rv.dim() == 2 and hv.dim() >= 1):
+        return None
+    d = hv.shape[-1]
+    if Rv.shape[1] != d or not requires_grad(Rn):
+        return None
+    kind, internal = None, [add, P]
+    if is_call(D, SUB_TARGETS) and len(D.args) == 2 and not D.kwargs:
+        a, b = D.args
+        la, lb = _lin(a), _lin(b)
+        if la is None or lb is None or la[0] is not read or lb[0] is not read or lb[1] is not Rn or lb[2] is not None:
+            return None
+        kind, (_, WL, bL) = "loreft", la
+        internal += [D, a, b]
+    elif _lin(D) is not None and _lin(D)[0] is read:
+        kind, (_, WL, bL) = "direft", _lin(D)
+        internal += [D]
+    else:
+        return None
+    if not isinstance(value(WL), torch.Tensor) or value(WL).shape != Rv.shape:
+        return None
+    positions = False
+    h = read
+    if is_call(read, (operator.getitem,)):
+        h, positions = read.args[0], True
+    layer = linear_layer(h)
+    if layer is None:
+        return None
+    x, weight, bias, base_kind, own = layer
+    if not (requires_grad(WL) or requires_grad(Rn) or (bL is not None and requires_grad(bL))):
+        return None
+    if base_kind != "linear":
+        raise NotASite(f"the intervened layer is a {base_kind}; only nn.Linear outputs are matched")
+    check_base(weight)
+    # every intermediate read by the chain only
+    for n in internal[1:]:
+        others = [u.name for u in n.users if u not in internal]
+        if others:
+            raise NotASite(f"{n.name} is also read by {', '.join(others)}")
+    chain_readers = set(internal) | ({read} if positions else set())
+    if positions:
+        others = [u.name for u in read.users if u not in internal]
+        if others:
+            raise NotASite(f"the slice {read.name} is also read by {', '.join(others)}")
+    elif [u for u in h.users if u not in chain_readers]:
+        others = [u.name for u in h.users if u not in chain_readers]
+        raise NotASite(f"the base layer's output h ({h.name}) is also read by {', '.join(others)}")
+    internal.append(h)
+    nodes = ReftNodes(x=x, weight=weight, bias=bias, layer_out=h, read=read, R=Rn, W_L=WL, b_L=bL, out=add,
+                      internal=tuple(internal), positions=positions)
+    return nodes, kind
+
+
+def _describe(index: int, n: ReftNodes, kind: str, autocast) -> ScalingSite:
+    xv, hv, Wv = value(n.x), value(n.read), value(n.weight)
+    trainable = tuple(name for name, v in (("R", n.R), ("W_L" if kind == "loreft" else "W_1", n.W_L),
+                                            ("b_L" if kind == "loreft" else "b_1", n.b_L)) if v is not None and requires_grad(v))
+    return ScalingSite(
+        index=index,
+        kind=kind,
+        module=(module_path(n.layer_out) or "").removesuffix(".base") or None,
+        base_kind="linear",
+        tokens=tuple(hv.shape[:-1]),
+        in_features=xv.shape[-1],
+        out_features=hv.shape[-1],
+        rank=value(n.R).shape[0],
+        x_dtype=xv.dtype,
+        weight_dtype=Wv.dtype,
+        vector_dtype=value(n.W_L).dtype,
+        compute_dtype=value(n.layer_out).dtype,
+        out_dtype=value(n.out).dtype,
+        autocast=autocast,
+        has_bias=n.bias is not None,
+        bias_trainable=n.bias is not None and requires_grad(n.bias),
+        trainable=trainable,
+        nodes=n,
+    )
+
+
+__all__ = ["ReftNodes", "find_reft_sites"]
