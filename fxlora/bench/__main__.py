@@ -67,7 +67,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     sweep = p.add_argument_group("sweep (defaults: the full sweep, or the tiny one with --quick)")
     sweep.add_argument("--adapter", choices=ADAPTERS, default="lora",
-                       help="PEFT adapter kind: lora, ia3 (default targets, --ranks ignored) or vera [lora]")
+                       help="adapter kind: lora, ia3 (PEFT default targets, --ranks ignored), vera, reft (LoReFT on o_proj/down_proj) [lora]")
     sweep.add_argument("--quick", action="store_true", help="tiny sanity sweep: 2-layer hidden-128 model, seq 64/256, rank 8")
     sweep.add_argument("--seqs", type=_ints, help=f"comma-separated sequence lengths [{_csv(DEFAULT_SEQS)}]")
     sweep.add_argument("--long", action="store_true", help=f"add seq {LONG_SEQ} to the sweep")
@@ -228,7 +228,7 @@ def caption(result: BenchResult) -> str:
     )
 
 
-_ADAPTER_NAMES = {"lora": "LoRA", "ia3": "IA3", "vera": "VeRA"}
+_ADAPTER_NAMES = {"lora": "LoRA", "ia3": "IA3", "vera": "VeRA", "reft": "LoReFT"}
 
 
 def _adapter_targets(s: dict) -> str:
@@ -237,6 +237,8 @@ def _adapter_targets(s: dict) -> str:
         return "PEFT IA3 on its default targets (k, v, down_proj; down_proj input-scaled)"
     if adapter == "vera":
         return "PEFT VeRA on q_proj and v_proj"
+    if adapter == "reft":
+        return "fxlora.reft LoReFT on o_proj and down_proj outputs, every position (peft-* = the same model uncompiled / under Inductor)"
     return f"LoRA on all linears, alpha {s['lora_alpha']}"
 
 

@@ -47,7 +47,7 @@ VARIANT_CONTESTANTS = tuple("fxlora" if v == "exact" else f"fxlora-{v}" for v in
 ALL_CONTESTANTS = (*CONTESTANTS, *FA_PEERS, *VARIANT_CONTESTANTS[1:])
 VELORA_BENCH = {"method": "velora", "sub_token": "D/32", "targets": ["all"]}  # every site: no x left saved
 DTYPES = ("fp32", "bf16")
-ADAPTERS = ("lora", "ia3", "vera")  # PEFT LoraConfig, IA3Config (default targets), VeraConfig
+ADAPTERS = ("lora", "ia3", "vera", "reft")  # PEFT LoraConfig, IA3Config (default targets), VeraConfig; fxlora.reft LoReFT
 INNERS = ("inductor", "aot_eager")
 MIB = 2**20
 NOISY_SPREAD = 0.25  # (max - min) / median of the timed steps above which a step time is flagged noisy
@@ -257,6 +257,10 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
         model = with_ia3(model, s.family, seed=settings.seed)
     elif settings.adapter == "vera":
         model = with_vera(model, s.family, r=case.rank, dropout=case.dropout, seed=settings.seed)
+    elif settings.adapter == "reft":  # LoReFT on every write into the residual stream (o_proj, down_proj)
+        from fxlora.reft import attach_reft
+
+        model = attach_reft(model, ("o_proj", "down_proj"), kind="loreft", r=case.rank, seed=settings.seed)
     else:
         model = with_lora(model, s.family, r=case.rank, alpha=settings.lora_alpha, dropout=case.dropout, seed=settings.seed)
     return model.to(settings.device).train()

@@ -75,7 +75,8 @@ def _value(m: Measurement, figure: str) -> float:
     return m.saved_bytes / MIB if figure == "saved_bytes" else getattr(m, figure)
 
 
-ADAPTER_LABELS = {"lora": "LoRA all-linear", "ia3": "IA3 (PEFT default targets)", "vera": "VeRA q/v"}
+ADAPTER_LABELS = {"lora": "LoRA all-linear", "ia3": "IA3 (PEFT default targets)", "vera": "VeRA q/v",
+                  "reft": "LoReFT on o_proj/down_proj"}
 
 
 def _subtitle(result: BenchResult) -> str:

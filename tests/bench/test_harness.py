@@ -80,8 +80,8 @@ def test_cli_redraws_from_json(result, tmp_path, capsys):
     assert (tmp_path / "latest.md").exists() and (tmp_path / "p.png").exists()
 
 
-@pytest.mark.parametrize("adapter, case", [("ia3", Case(16, 0, 0.0)), ("vera", Case(16, 4, 0.0))])
-def test_ia3_and_vera_rows(adapter, case):
+@pytest.mark.parametrize("adapter, case", [("ia3", Case(16, 0, 0.0)), ("vera", Case(16, 4, 0.0)), ("reft", Case(16, 4, 0.0))])
+def test_ia3_vera_and_reft_rows(adapter, case):
     """The same contestants for IA3 and VeRA; fxlora rewrote something, so the row measures the rewrite."""
     settings = Settings(shape=TINY, adapter=adapter, steps=1, warmup=1, inner="aot_eager")
     result = run_sweep([case], settings)
@@ -99,3 +99,13 @@ def test_dit_rows():
     assert not result.errors, [m.error for m in result.errors]
     assert [m.contestant for m in result.measurements] == list(CONTESTANTS)
     assert all(m.saved_bytes > 0 for m in result.measurements)
+
+
+def test_reft_crossover_plot(tmp_path, capsys):
+    """The cost model's crossover figure is drawn and its crossovers printed (no measurement)."""
+    from fxlora.bench import crossover
+
+    out = tmp_path / "reft_crossover.png"
+    crossover.main(["--out", str(out)])
+    assert out.stat().st_size > 10_000
+    assert "saved-bytes crossover T = 512" in capsys.readouterr().out  # o_proj 512 -> 512, x rebuilt: T = o i / o

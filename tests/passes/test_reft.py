@@ -163,3 +163,21 @@ def test_rewrite_gives_new_nodes_fake_values():
     x = torch.randn(2, 5, 12)
     torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), rtol=1e-4, atol=1e-5)
     assert seen == [True]
+
+
+def test_bf16_autocast_is_matched_left_as_traced_and_exact():
+    """Under bf16 autocast the weight form would round differently than the traced chain: the
+    site is matched, left as it is with the reason in explain, and the step equals eager."""
+    model = attach_reft(Block(), ["o_proj"], kind="loreft", r=3)
+    x = torch.randn(2, 5, 12)
+
+    def step(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_and_grads(m, x)
+
+    ref = step(model)
+    fxlora.clear_reports()
+    got = step(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}))
+    assert_same_step(ref, got, rtol=1e-2, atol=1e-3)
+    (d,) = _decisions()
+    assert not d.rewritten and "autocast" in d.reason
