@@ -181,6 +181,16 @@ def price(shape: SiteShape) -> list[PricedForm]:
     ]
 
 
+def cheaper(a: PricedForm, b: PricedForm, first: str, second: str, decide: Callable[[sympy.Basic], bool]) -> bool:
+    """Whether `a` costs less than `b` by figure `first`, ties broken by `second`; `decide` may guard on T."""
+    fa, fb = getattr(a, first), getattr(b, first)
+    if decide(sympy.Lt(fa, fb)):
+        return True
+    if decide(sympy.Gt(fa, fb)):
+        return False
+    return decide(sympy.Lt(getattr(a, second), getattr(b, second)))
+
+
 def choose_form(
     priced: list[PricedForm],
     *,
@@ -206,12 +216,7 @@ def choose_form(
         note = ""
 
     def better(a: PricedForm, b: PricedForm, first: str, second: str) -> bool:
-        fa, fb = getattr(a, first), getattr(b, first)
-        if decide(sympy.Lt(fa, fb)):
-            return True
-        if decide(sympy.Gt(fa, fb)):
-            return False
-        return decide(sympy.Lt(getattr(a, second), getattr(b, second)))
+        return cheaper(a, b, first, second, decide)
 
     cheapest = legal[0]
     for p in legal[1:]:

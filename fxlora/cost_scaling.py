@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import sympy
 
-from fxlora.cost import I, O, PricedForm, R, T
+from fxlora.cost import I, O, PricedForm, R, T, cheaper
 
 FORMS = {"ia3_out": ("act", "recompute", "weight"), "ia3_in": ("act", "weight"), "vera": ("act", "weight")}
 G = 2 * T * O * I  # one base-size GEMM
@@ -159,12 +159,7 @@ def choose(
     first, second = ("saved_bytes", "flops") if objective == "saved_bytes" else ("flops", "saved_bytes")
 
     def better(a: PricedForm, b: PricedForm) -> bool:
-        fa, fb = getattr(a, first), getattr(b, first)
-        if decide(sympy.Lt(fa, fb)):
-            return True
-        if decide(sympy.Gt(fa, fb)):
-            return False
-        return decide(sympy.Lt(getattr(a, second), getattr(b, second)))
+        return cheaper(a, b, first, second, decide)
 
     best = legal[0]
     for p in legal[1:]:
