@@ -122,6 +122,15 @@ def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Repor
 
 # --- formatting ---------------------------------------------------------------------
 
+
+def _by_shape(decisions) -> dict:
+    """Priced decisions grouped by site shape: candidates are printed once per distinct shape."""
+    groups: dict = {}
+    for d in decisions:
+        if d.candidates:
+            groups.setdefault(d.shape, []).append(d)
+    return groups
+
 _COLUMNS = ("#", "site", "base", "tokens", "in", "out", "r", "dtype", "trains", "dropout", "scale", "bias", "x shared with")
 
 
@@ -230,11 +239,7 @@ def _format_decisions(decisions) -> list[str]:
     if lossy:  # opt-in compression (docs/lossy.md): say it where nobody can miss it
         lines.append(f"  LOSSY sites {','.join(lossy)}: opted in via `compress`; their lora_A gradients are approximate")
     # Candidates once per distinct site shape: formulas in T, i, o, r and their values here.
-    by_shape: dict = {}
-    for d in decisions:
-        if d.candidates:
-            by_shape.setdefault(d.shape, []).append(d)
-    for shape, group in by_shape.items():
+    for shape, group in _by_shape(decisions).items():
         d = group[0]
         lines.append(
             f"  candidates for sites {','.join(str(g.site) for g in group)} "
@@ -285,11 +290,7 @@ def _format_scaling(match, decisions) -> list[str]:
                                "x read by", "form", "saved", "PEFT saved", "why"))
     for r in match.rejections:
         lines.append(f"    rejected {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
-    by_shape: dict = {}
-    for d in decisions:
-        if d.candidates:
-            by_shape.setdefault(d.shape, []).append(d)
-    for shape, group in by_shape.items():
+    for shape, group in _by_shape(decisions).items():
         d = group[0]
         lines.append(
             f"  candidates for {_SCALING_KINDS[shape.kind]} sites {','.join(str(g.site) for g in group)} "

@@ -44,7 +44,7 @@ BACKWARD_FORMS = {
     7: ("xtdy", "xa", "merged"),
     8: ("z1", "xtdy", "merged"),
 }
-_NO_TENSOR = (0,)
+NO_TENSOR = (0,)
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -69,7 +69,7 @@ def _merged_weight(W: Tensor, A: Tensor, B: Tensor, s: Tensor, dtype: torch.dtyp
     return torch.addmm(W.to(dtype), s * B, A)
 
 
-def _base_weight(weight: Tensor, conv1d: bool) -> Tensor:
+def base_weight(weight: Tensor, conv1d: bool) -> Tensor:
     """W as (out, in): GPT-2's Conv1D stores it transposed (fan_in_fan_out)."""
     return weight.t() if conv1d else weight
 
@@ -95,11 +95,11 @@ def lora_linear(
     """`after`: ordering only (the previous dropout site's RNG output), never read.
 
     Returns (y, x A^T if save_xa else empty, RNG state of the dropout mask if p > 0 else empty)."""
-    W = _base_weight(weight, conv1d).to(base_dtype)
+    W = base_weight(weight, conv1d).to(base_dtype)
     A, B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
     s = scale.to(adapter_dtype)
-    rng = x.new_empty(_NO_TENSOR, dtype=torch.uint8, device="cpu")
-    xa = x.new_empty(_NO_TENSOR, dtype=adapter_dtype)
+    rng = x.new_empty(NO_TENSOR, dtype=torch.uint8, device="cpu")
+    xa = x.new_empty(NO_TENSOR, dtype=adapter_dtype)
     if dropout_p > 0:
         rng = _rng_state(x.device)
         x_in = _dropped(x, _dropout_noise(x.shape, dropout_p, mask_dtype, x.device), adapter_dtype)
@@ -130,7 +130,7 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype,
       forward_form, backward_form, conv1d, save_xa, after=None):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], out_features), dtype=torch.promote_types(base_dtype, adapter_dtype))
-    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else _NO_TENSOR, dtype=adapter_dtype)
+    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else NO_TENSOR, dtype=adapter_dtype)
     n = (16 if x.device.type == "cuda" else torch.get_rng_state().numel()) if dropout_p > 0 else 0
     rng = x.new_empty((n,), dtype=torch.uint8, device="cpu")
     return y, xa, rng
@@ -195,7 +195,7 @@ def lora_linear_backward(
     need_x, need_b, need_A, need_B = needs
     dA_by, dB_by, dX_by = BACKWARD_FORMS[backward_form]
     A, B, s = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype), scale.to(adapter_dtype)
-    W = _base_weight(weight, conv1d).to(base_dtype)
+    W = base_weight(weight, conv1d).to(base_dtype)
     x_shape = (*dy.shape[:-1], W.shape[1])
     dy_a = dy.to(adapter_dtype).flatten(0, -2)  # (T, out)
     noise = _replayed_noise(rng, x_shape, dropout_p, mask_dtype, dy.device) if dropout_p > 0 else None
@@ -206,7 +206,7 @@ def lora_linear_backward(
     z1 = dy_a @ (s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
     z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and not save_xa) else None
 
-    dX, db, dA, dB = (dy.new_empty(_NO_TENSOR) for _ in range(4))
+    dX, db, dA, dB = (dy.new_empty(NO_TENSOR) for _ in range(4))
     if need_A:
         dA = (z1.t() @ x_in if dA_by == "z1" else s * (B.t() @ z2)).to(lora_A.dtype)
     if need_B:
@@ -236,16 +236,21 @@ def lora_linear_backward(
     return dX, db, dA, dB
 
 
+def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake (dX, db, dA, dB) of a LoRA-linear backward op: shaped as the gradients in `needs`, empty otherwise."""
+    need_x, need_b, need_A, need_B = needs
+    in_features = weight.shape[0] if conv1d else weight.shape[1]
+    dX = dy.new_empty((*dy.shape[:-1], in_features) if need_x else NO_TENSOR, dtype=x_dtype if need_x else dy.dtype)
+    db = dy.new_empty((dy.shape[-1],) if need_b else NO_TENSOR)
+    dA = lora_A.new_empty(lora_A.shape) if need_A else dy.new_empty(NO_TENSOR)
+    dB = lora_B.new_empty(lora_B.shape) if need_B else dy.new_empty(NO_TENSOR)
+    return dX, db, dA, dB
+
+
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, scale, xa, rng, dropout_p, mask_dtype, base_dtype, adapter_dtype,
       backward_form, conv1d, save_xa, x_dtype, needs):
-    need_x, need_b, need_A, need_B = needs
-    in_features = weight.shape[0] if conv1d else weight.shape[1]
-    dX = dy.new_empty((*dy.shape[:-1], in_features) if need_x else _NO_TENSOR, dtype=x_dtype if need_x else dy.dtype)
-    db = dy.new_empty((dy.shape[-1],) if need_b else _NO_TENSOR)
-    dA = lora_A.new_empty(lora_A.shape) if need_A else dy.new_empty(_NO_TENSOR)
-    dB = lora_B.new_empty(lora_B.shape) if need_B else dy.new_empty(_NO_TENSOR)
-    return dX, db, dA, dB
+    return fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs)
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)

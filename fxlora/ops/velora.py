@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-_NO_TENSOR = (0,)
+from fxlora.ops.lora import NO_TENSOR, base_weight, fake_grads
+
 
 
 def compress(x: Tensor, v: Tensor) -> Tensor:
@@ -37,10 +38,6 @@ def compress(x: Tensor, v: Tensor) -> Tensor:
 def reconstruct(zp: Tensor, v: Tensor) -> Tensor:
     """x_hat = group^-1(z_p v^T): (..., D/M) -> (..., D)."""
     return (zp.unsqueeze(-1) * v.to(zp.dtype)).flatten(-2)
-
-
-def _base_weight(weight: Tensor, conv1d: bool) -> Tensor:
-    return weight.t() if conv1d else weight
 
 
 @torch.library.custom_op("fxlora::velora_linear", mutates_args=())
@@ -58,7 +55,7 @@ def velora_linear(
     save_xa: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, z_p: (..., D/M), x A^T if save_xa (B trains) else empty)."""
-    W = _base_weight(weight, conv1d).to(base_dtype)
+    W = base_weight(weight, conv1d).to(base_dtype)
     A, B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
     s = scale.to(adapter_dtype)
     x_in = x.to(adapter_dtype)
@@ -70,7 +67,7 @@ def velora_linear(
     else:
         y = base + s * torch.nn.functional.linear(xa, B)
     zp = compress(x_in, v.to(adapter_dtype))
-    return y, zp, xa if save_xa else x.new_empty(_NO_TENSOR, dtype=adapter_dtype)
+    return y, zp, xa if save_xa else x.new_empty(NO_TENSOR, dtype=adapter_dtype)
 
 
 @velora_linear.register_fake
@@ -78,7 +75,7 @@ def _(x, weight, bias, lora_A, lora_B, scale, v, base_dtype, adapter_dtype, conv
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], out_features), dtype=torch.promote_types(base_dtype, adapter_dtype))
     zp = x.new_empty((*x.shape[:-1], x.shape[-1] // v.shape[0]), dtype=adapter_dtype)
-    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else _NO_TENSOR, dtype=adapter_dtype)
+    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else NO_TENSOR, dtype=adapter_dtype)
     return y, zp, xa
 
 
@@ -119,11 +116,11 @@ def velora_linear_backward(
     """(dX, db, dA, dB); dA from the rebuilt x_hat, the rest exact; a gradient not in `needs` is empty."""
     need_x, need_b, need_A, need_B = needs
     A, B, s = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype), scale.to(adapter_dtype)
-    W = _base_weight(weight, conv1d).to(base_dtype)
+    W = base_weight(weight, conv1d).to(base_dtype)
     x_shape = (*dy.shape[:-1], W.shape[1])
     dy_a = dy.to(adapter_dtype).flatten(0, -2)
     z1 = dy_a @ (s * B) if need_A or need_x else None  # s dY B: (T, r)
-    dX, db, dA, dB = (dy.new_empty(_NO_TENSOR) for _ in range(4))
+    dX, db, dA, dB = (dy.new_empty(NO_TENSOR) for _ in range(4))
     if need_A:
         x_hat = reconstruct(zp, v.to(adapter_dtype)).flatten(0, -2)
         dA = (z1.t() @ x_hat).to(lora_A.dtype)
@@ -143,13 +140,7 @@ def velora_linear_backward(
 
 @velora_linear_backward.register_fake
 def _(dy, zp, xa, weight, lora_A, lora_B, scale, v, base_dtype, adapter_dtype, conv1d, x_dtype, needs):
-    need_x, need_b, need_A, need_B = needs
-    in_features = weight.shape[0] if conv1d else weight.shape[1]
-    dX = dy.new_empty((*dy.shape[:-1], in_features) if need_x else _NO_TENSOR, dtype=x_dtype if need_x else dy.dtype)
-    db = dy.new_empty((dy.shape[-1],) if need_b else _NO_TENSOR)
-    dA = lora_A.new_empty(lora_A.shape) if need_A else dy.new_empty(_NO_TENSOR)
-    dB = lora_B.new_empty(lora_B.shape) if need_B else dy.new_empty(_NO_TENSOR)
-    return dX, db, dA, dB
+    return fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs)
 
 
 velora_linear.register_autograd(_backward, setup_context=_setup_context)
