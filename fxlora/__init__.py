@@ -6,6 +6,7 @@
 
 from fxlora.backend import fxlora_backend
 from fxlora.config import Config
+from fxlora.distributed import install_ddp_split_after_rewrite
 from fxlora.explain import Report, clear_reports, explain, last_report
 from fxlora.integrations import install_accelerate_hook
 from fxlora.logs import configure_from_env, set_logs
@@ -17,4 +18,5 @@ __all__ = ["Config", "Report", "clear_reports", "explain", "freeze_lora_A", "fxl
 __version__ = "0.1.0"
 
 configure_from_env()  # FXLORA_LOG=info|debug
+install_ddp_split_after_rewrite()  # under DDP, fxlora rewrites whole graphs before Dynamo splits them into buckets
 install_accelerate_hook()  # TrainingArguments(torch_compile_backend="fxlora") passes accelerate's name check

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from fxlora.config import Config, check_mode
+from fxlora.distributed import ddp_piece_note, fxlora_calls, splits_after_rewrite, unsupported_parallelism
 from fxlora.explain import GraphReport, record
 from fxlora.verify import verify_first_call
 from fxlora.passes import (
@@ -24,17 +25,21 @@ from fxlora.passes import (
 log = logging.getLogger("fxlora")
 
 
+@splits_after_rewrite
 def fxlora_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     *,
     options: Any = None,
     mode: Optional[str] = None,
+    split: Optional[Callable] = None,
 ) -> Callable:
-    """Entry point Dynamo calls with each captured graph; `options`/`mode` come from torch.compile."""
+    """Entry point Dynamo calls with each captured graph; `options`/`mode` come from torch.compile.
+
+    `split` comes from DDP's graph splitter (fxlora.distributed): it compiles the rewritten graph in pieces."""
     config = Config.from_options(options)
     check_mode(mode)
-    return compile_graph(gm, example_inputs, config, mode=mode)
+    return compile_graph(gm, example_inputs, config, mode=mode, split=split)
 
 
 def compile_graph(
@@ -45,19 +50,27 @@ def compile_graph(
     mode: Optional[str] = None,
     on_report: Callable[[GraphReport], None] = record,
     run_with: Optional[str] = None,
+    split: Optional[Callable] = None,
 ) -> Callable:
     """Run fxlora's passes on `gm`, report them, then hand the graph to the inner compiler.
 
     `run_with` runs the result with another inner compiler than the one the decisions were
-    made for (explain prices for Inductor but runs eagerly)."""
+    made for (explain prices for Inductor but runs eagerly). `split(gm, inputs, compile_piece)`
+    compiles the rewritten graph in pieces (DDP's buckets) instead of whole."""
     compile_id = _compile_id()
     original, before = gm, gm.code
     match, decisions, fallback = None, [], None
     scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, VeRA, then ReFT
+    unsupported = unsupported_parallelism(gm)
     try:
+        if unsupported:
+            raise NotImplementedError(unsupported)
         # Match and rewrite a copy (one cheap node pass): if anything goes wrong the
         # untouched graph is still at hand.
         candidate = fx.GraphModule(gm, _copy_graph(gm))
+        candidate.meta = gm.meta
+        if hasattr(gm, "_param_name_to_source"):
+            candidate._param_name_to_source = gm._param_name_to_source
         match = find_lora_sites(candidate)
         decisions = rewrite_lora_sites(candidate, match, config)
         for find, rewrite in (  # IA3, VeRA, ReFT (docs/reft.md): same match -> price -> rewrite
@@ -70,7 +83,7 @@ def compile_graph(
         gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
-        fallback = f"passes failed ({type(err).__name__}: {err})"
+        fallback = unsupported or f"passes failed ({type(err).__name__}: {err})"
         decisions, scaling = [], []
     report = GraphReport(
         compile_id=compile_id,
@@ -81,6 +94,7 @@ def compile_graph(
         fallback=fallback,
         decisions=decisions,
         scaling=scaling,
+        notes=[note] if split is None and (note := ddp_piece_note()) else [],
     )
     if match is not None:
         log.info(
@@ -93,7 +107,14 @@ def compile_graph(
     rewritten = any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds)
     if run_with is not None:
         config = config.replace(inner=run_with, verify=False)
-    compiled = _inner_compile(gm, example_inputs, config, mode, rematerialize=config.rematerialize and rewritten)
+    remat = config.rematerialize and rewritten
+
+    def compile_piece(piece: fx.GraphModule, inputs: Sequence[Any]) -> Callable:
+        if split is not None:
+            report.pieces.append(fxlora_calls(piece.graph))
+        return _inner_compile(piece, inputs, config, mode, rematerialize=remat)
+
+    compiled = compile_piece(gm, example_inputs) if split is None else split(gm, example_inputs, compile_piece)
     if config.verify and rewritten:
         n = sum(d.rewritten for d in decisions) + sum(d.rewritten for _, ds in scaling for d in ds)
         compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
@@ -127,8 +148,12 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     """A node-for-node copy of gm's graph (metadata included) that shares gm's attributes."""
     graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
     graph._codegen = gm.graph._codegen
-    out = graph.graph_copy(gm.graph, {})
+    copies: dict = {}
+    out = graph.graph_copy(gm.graph, copies)
     graph.output(out)
+    for node, copy in copies.items():  # Dynamo's input sources, which DDP's graph splitter reads
+        if hasattr(node, "_dynamo_source"):
+            copy._dynamo_source = node._dynamo_source
     return graph
 
 

@@ -27,6 +27,7 @@ class GraphReport:
     decisions: list = field(default_factory=list)  # fxlora.passes.Decision per site
     notes: list[str] = field(default_factory=list)
     scaling: list = field(default_factory=list)  # (ScalingMatch, [ScalingDecision]) per adapter kind: IA3, VeRA, ReFT
+    pieces: list = field(default_factory=list)  # DDP: the fxlora op calls of each bucket sub-graph, in order
 
     @property
     def scaling_sites(self) -> list:
@@ -102,12 +103,14 @@ def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Repor
     """
     from fxlora.backend import compile_graph
     from fxlora.config import Config
+    from fxlora.distributed import splits_after_rewrite
 
     config = Config.from_options(options)  # decisions as under the real inner compiler; run eagerly
     captured: list[GraphReport] = []
 
-    def capture(gm, example_inputs, **_):
-        return compile_graph(gm, example_inputs, config, on_report=captured.append, run_with="eager")
+    @splits_after_rewrite
+    def capture(gm, example_inputs, split=None, **_):
+        return compile_graph(gm, example_inputs, config, on_report=captured.append, run_with="eager", split=split)
 
     # A fresh backend object gets its own cache entry; lift the limit so repeated explains still trace.
     with torch._dynamo.config.patch(recompile_limit=10_000, accumulated_recompile_limit=10_000):
@@ -193,8 +196,17 @@ def _format_graph(g: GraphReport) -> list[str]:
     if g.fallback:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
+    if g.pieces:
+        lines += _format_pieces(g.pieces)
     if g.checkpointed_regions:
         lines.append(f"  {checkpoint_note(g.checkpointed_regions)}")
+    return lines
+
+
+def _format_pieces(pieces) -> list[str]:
+    lines = [f"  DDP split the rewritten graph into {len(pieces)} bucket sub-graph(s); fxlora ops in each:"]
+    for k, calls in enumerate(pieces):
+        lines.append(f"    sub-graph {k}: {len(calls)}" + (f" ({', '.join(calls)})" if calls else ""))
     return lines
 
 

@@ -1,0 +1,154 @@
+"""fxlora under torch.distributed: DDP's graph split and FSDP's sharded parameters (docs/distributed.md).
+
+DDP. Dynamo's DDPOptimizer cuts each captured graph at gradient-bucket boundaries and hands
+the backend the pieces one at a time, so a LoRA site whose nodes straddle a boundary would
+reach fxlora as two halves, neither of them a site. fxlora therefore asks for the whole graph
+first: it rewrites it (each rewritten site is one op node, which no split can cut) and then
+lets DDPOptimizer split the rewritten graph with DDP's own buckets, so the comm/compute
+overlap DDPOptimizer exists for is kept. Backends other than fxlora see stock DDPOptimizer.
+
+FSDP2. `fully_shard` swaps each module's sharded DTensor parameters for plain unsharded
+tensors around its forward and backward; Dynamo (skip_fsdp_hooks, the default) runs those
+hooks outside the graph, so inside it W is a plain frozen parameter and the passes work as
+on one device. What FSDP needs of a rewrite is that no copy of the unsharded W outlives the
+op: fxlora's ops save W itself (whose storage FSDP frees after forward and refills before
+backward) and rebuild a merged W + sBA in backward instead of saving it (cost.transient_bytes).
+
+What fxlora cannot do yet is said at compile time and leaves the graph untouched:
+`unsupported_parallelism` names it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxlora.graph_utils import module_path
+
+log = logging.getLogger("fxlora")
+
+# A backend callable that wants the whole graph under DDP carries this attribute and takes a
+# `split` keyword: a function (rewritten gm, example_inputs, compile_piece) -> compiled callable.
+SPLITS_AFTER_REWRITE = "_fxlora_splits_after_rewrite"
+
+
+def splits_after_rewrite(fn: Callable) -> Callable:
+    """Mark a backend function (fxlora's, explain's) as one DDPOptimizer should give the whole graph."""
+    setattr(fn, SPLITS_AFTER_REWRITE, True)
+    return fn
+
+
+def install_ddp_split_after_rewrite() -> bool:
+    """Make Dynamo's DDPOptimizer give fxlora the whole graph and split fxlora's rewritten graph.
+
+    Dynamo builds a DDPOptimizer for every graph captured inside a DDP forward (optimize_ddp
+    "ddp_optimizer", the default) by looking the class up in its module at that moment; this
+    puts a subclass there that differs only for fxlora backends. Returns False (and fxlora
+    reports each piece it gets, see `ddp_piece_note`) where this torch has no such class.
+    """
+    try:
+        from torch._dynamo.backends import distributed as dynamo_ddp
+    except ImportError:  # torch built without distributed
+        return False
+    stock = getattr(dynamo_ddp, "DDPOptimizer", None)
+    if stock is None or not callable(getattr(stock, "compile_fn", None)):
+        return False
+    if getattr(stock, SPLITS_AFTER_REWRITE, False):
+        return True
+
+    class DDPOptimizerSplitAfterRewrite(stock):
+        """DDPOptimizer that lets an fxlora backend rewrite the whole graph before the bucket split."""
+
+        def compile_fn(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any):
+            backend = _fxlora_backend_of(self.backend_compile_fn)
+            if backend is None:
+                return super().compile_fn(gm, example_inputs, **kwargs)
+
+            def split(rewritten: fx.GraphModule, inputs: Sequence[Any], compile_piece: Callable):
+                pieces = stock(self.bucket_bytes_cap, compile_piece, first_bucket_cap=self.first_bucket_cap)
+                return pieces.compile_fn(rewritten, list(inputs), **kwargs)
+
+            return backend(gm, example_inputs, split=split)
+
+    setattr(DDPOptimizerSplitAfterRewrite, SPLITS_AFTER_REWRITE, True)
+    dynamo_ddp.DDPOptimizer = DDPOptimizerSplitAfterRewrite
+    return True
+
+
+def _fxlora_backend_of(fn: Callable) -> Optional[Callable]:
+    """fxlora's backend with its torch.compile options bound, if `fn` wraps one; else None.
+
+    Dynamo wraps the backend in WrapBackendDebug (`_torchdynamo_orig_backend`) around
+    torch.compile's _TorchCompileWrapper (`compiler_fn`, `kwargs`: mode and options)."""
+    kwargs: dict = {}
+    for _ in range(16):  # a wrapper chain, never a cycle; bounded all the same
+        if getattr(fn, SPLITS_AFTER_REWRITE, False):
+            return functools.partial(fn, **kwargs)
+        if hasattr(fn, "compiler_fn") and hasattr(fn, "kwargs"):
+            kwargs = dict(fn.kwargs)
+            fn = fn.compiler_fn
+        elif hasattr(fn, "_torchdynamo_orig_backend"):
+            fn = fn._torchdynamo_orig_backend
+        else:
+            return None
+    return None
+
+
+def fxlora_calls(graph: fx.Graph) -> list[str]:
+    """The fxlora ops of a graph, each with the module it came from: what explain lists per DDP piece."""
+    calls = []
+    for node in graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxlora":
+            # the rewrite gives the op's result (a getitem) the site's metadata
+            where = next(filter(None, (module_path(user) for user in node.users)), None) or node.name
+            calls.append(f"{node.target._opname} {where}")
+    return calls
+
+
+def ddp_piece_note() -> Optional[str]:
+    """Why a graph may hold only part of a site: fxlora was handed one DDPOptimizer piece."""
+    if not _inside_ddp_forward():
+        return None
+    return (
+        "compiled inside a DDP forward without the whole-graph hook (this torch has no "
+        "torch._dynamo.backends.distributed.DDPOptimizer to hook): this graph is one bucket's "
+        "piece, and a site cut by a bucket boundary is not seen; set "
+        "torch._dynamo.config.optimize_ddp = False to compile whole graphs"
+    )
+
+
+def _inside_ddp_forward() -> bool:
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return False
+    get = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    return bool(get and get() is not None)
+
+
+def unsupported_parallelism(gm: fx.GraphModule) -> Optional[str]:
+    """Why fxlora must leave this graph untouched, or None.
+
+    DTensor inputs mean tensor parallelism, or FSDP2 with its hooks traced into the graph
+    (torch._dynamo.config.skip_fsdp_hooks = False): the weights are shards and the
+    collectives are graph ops, and fxlora's ops are not DTensor-aware yet.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        DTensor = None
+    if DTensor is not None:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            if isinstance(node.meta.get("example_value"), DTensor):
+                return (
+                    "DTensor inputs (tensor parallelism, or FSDP2 with skip_fsdp_hooks=False): not supported yet; "
+                    "keep torch._dynamo.config.skip_fsdp_hooks = True (the default) for FSDP2"
+                )
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "fsdp" in str(getattr(node.target, "namespace", "")):
+            return "FSDP collectives traced into the graph: not supported yet (keep skip_fsdp_hooks = True)"
+    return None

@@ -1,0 +1,53 @@
+"""DDP under backend="fxlora": 2 CPU ranks over gloo equal one process on the concatenated batch."""
+
+import pytest
+import torch
+
+from tests.distributed.ranks import ddp_worker, run_ranks, single_process_step
+from tests.helpers import assert_same_step
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+SITES = 14  # 7 linears x 2 layers
+
+
+@pytest.mark.parametrize("order", ["ddp-then-compile", "compile-then-ddp"])
+def test_ddp_split_graph_keeps_every_site_and_equals_one_process(tmp_path, order):
+    """Tiny buckets make DDPOptimizer cut the graph between sites (and, before the rewrite, inside them)."""
+    ranks = run_ranks(ddp_worker, tmp_path, order=order, bucket_mb=0.002)
+    ref = single_process_step()
+    for got in ranks:
+        assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
+        assert got["fallbacks"] == []
+        assert (got["sites"], got["rewritten"]) == (SITES, SITES)
+        assert len(got["pieces"]) > 1, "the buckets should have split the graph"
+        assert sum(len(p) for p in got["pieces"]) == SITES
+        assert "bucket sub-graph" in got["text"] and "layers.1.mlp.down_proj" in got["text"]
+
+
+def test_ddp_one_bucket_is_one_piece(tmp_path):
+    ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=25.0)
+    ref = single_process_step()
+    for got in ranks:
+        assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
+        assert [len(p) for p in got["pieces"]] == [SITES]
+
+
+def test_ddp_without_rewrite_is_stock(tmp_path):
+    """rewrite=False: DDPOptimizer splits the untouched graph as it would for any backend."""
+    ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=0.002, options={"rewrite": False})
+    ref = single_process_step()
+    for got in ranks:
+        assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
+        assert got["rewritten"] == 0
+        assert len(got["pieces"]) > 1 and not any(got["pieces"])
+
+
+def test_stock_splitter_hides_cut_sites_and_says_so(tmp_path):
+    """Why fxlora hooks DDPOptimizer: handed the pieces, it sees only the sites no boundary cut."""
+    ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=0.002, hook=False)
+    ref = single_process_step()
+    for got in ranks:
+        assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
+        assert got["rewritten"] == got["sites"] < SITES
+        assert got["notes"] and all("bucket's piece" in n for n in got["notes"])
