@@ -68,7 +68,8 @@ def compile_graph(
         # Match and rewrite a copy (one cheap node pass): if anything goes wrong the
         # untouched graph is still at hand.
         candidate = fx.GraphModule(gm, _copy_graph(gm))
-        candidate.meta = gm.meta
+        # DDP's splitter hands this to each piece. Without Dynamo's compile id in `meta`, AOT
+        # does not ask it for a source of every attribute (the rewrites add some, e.g. VeLoRA's v).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
         match = find_lora_sites(candidate)

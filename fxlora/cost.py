@@ -60,6 +60,7 @@ class Form:
     legal: bool
     why_not: str = ""
     lossy: str = ""  # "" for the exact forms; e.g. "velora(M=16)" for an opt-in lossy one
+    transient_bytes: sympy.Expr = sympy.Integer(0)  # a merged W + s B A alive while the op runs
 
     @property
     def name(self) -> str:
@@ -71,6 +72,7 @@ class PricedForm:
     form: Form
     flops: sympy.Expr  # the formula with the site's sizes substituted
     saved_bytes: sympy.Expr
+    transient_bytes: sympy.Expr = sympy.Integer(0)
 
 
 def _gemm(m, n, k):
@@ -127,6 +129,18 @@ def saved_bytes(shape: SiteShape, save_xa: bool) -> sympy.Expr:
     return sympy.Integer(0)
 
 
+def transient_bytes(forward: int, backward: int, shape: SiteShape) -> sympy.Expr:
+    """The merged weight W + s B A (o x i) that forward 2 and the merged-dX backwards build.
+
+    It is never saved (the backward op builds it again), so it lives only inside one op,
+    while the unsharded W it is built from lives anyway. Under FSDP this is what keeps
+    resharding intact (docs/distributed.md): at most one merged copy at a time, never
+    between forward and backward.
+    """
+    merged = forward == 2 or (shape.x_needs_grad and BACKWARD_FORMS[backward][2] == "merged")
+    return O * I * shape.adapter_bytes if merged else sympy.Integer(0)
+
+
 def peft_saved_bytes(shape: SiteShape) -> sympy.Expr:
     """Autograd on PEFT's graph: X (or dropout(X) plus its bool mask) for dA, and X A^T for dB."""
     xa = T * R * shape.adapter_bytes if shape.b_trainable else 0
@@ -152,7 +166,11 @@ def velora_form(shape: SiteShape, sub_token: int) -> Form:
 
 def price_form(form: Form, shape: SiteShape) -> PricedForm:
     sizes = {T: shape.tokens, I: shape.in_features, O: shape.out_features, R: shape.rank}
-    return PricedForm(form, sympy.expand(form.flops.subs(sizes)), sympy.expand(form.saved_bytes.subs(sizes)))
+
+    def at(expr) -> sympy.Expr:
+        return sympy.expand(sympy.sympify(expr).subs(sizes))
+
+    return PricedForm(form, at(form.flops), at(form.saved_bytes), at(form.transient_bytes))
 
 
 def candidate_forms(shape: SiteShape) -> list[Form]:
@@ -169,16 +187,15 @@ def candidate_forms(shape: SiteShape) -> list[Form]:
             elif shape.mixed_dtypes and (fwd == 2 or BACKWARD_FORMS[bwd][2] == "merged"):
                 why_not = "base and adapter compute in different dtypes: W + s B A would change the rounding"
             flops = forward_flops(fwd, save_xa) + backward_flops(bwd, shape, save_xa)
-            forms.append(Form(fwd, bwd, sympy.expand(flops), saved_bytes(shape, save_xa), not why_not, why_not))
+            forms.append(Form(
+                fwd, bwd, sympy.expand(flops), saved_bytes(shape, save_xa), not why_not, why_not,
+                transient_bytes=transient_bytes(fwd, bwd, shape),
+            ))
     return forms
 
 
 def price(shape: SiteShape) -> list[PricedForm]:
-    sizes = {T: shape.tokens, I: shape.in_features, O: shape.out_features, R: shape.rank}
-    return [
-        PricedForm(f, sympy.expand(f.flops.subs(sizes)), sympy.expand(f.saved_bytes.subs(sizes)))
-        for f in candidate_forms(shape)
-    ]
+    return [price_form(f, shape) for f in candidate_forms(shape)]
 
 
 def cheaper(a: PricedForm, b: PricedForm, first: str, second: str, decide: Callable[[sympy.Basic], bool]) -> bool:

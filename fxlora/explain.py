@@ -263,9 +263,11 @@ def _format_decisions(decisions) -> list[str]:
             mark = "*" if d.chosen is not None and c.form == d.chosen.form else ""
             rows.append((
                 mark + c.form.name, str(c.form.flops), _num(c.flops), str(c.form.saved_bytes),
-                _mib(c.saved_bytes), "" if c.form.legal else "illegal: " + c.form.why_not,
+                _mib(c.saved_bytes), _mib(c.transient_bytes) if c.transient_bytes else "-",
+                "" if c.form.legal else "illegal: " + c.form.why_not,
             ))
-        lines += ["  " + r for r in _table(rows, ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", ""))]
+        header = ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", "merged W (in op)", "")
+        lines += ["  " + r for r in _table(rows, header)]
     return lines
 
 

@@ -97,7 +97,7 @@ def _saved_activation_bytes(model, batch) -> int:
     from fxlora.bench.harness import SavedBytes
 
     counter = SavedBytes(frozenset(p.untyped_storage().data_ptr() for p in model.parameters()))
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+    with counter:
         loss = model(**batch).loss
     loss.backward()
     return counter.activation_bytes

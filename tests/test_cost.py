@@ -1,3 +1,4 @@
+import pytest
 import sympy
 
 from fxlora import cost
@@ -59,3 +60,16 @@ def test_cost_model_and_op_agree_on_the_backward_forms():
     from fxlora.ops import lora
 
     assert cost.BACKWARD_FORMS == lora.BACKWARD_FORMS
+
+
+@pytest.mark.parametrize("forward,backward", [(f, b) for f in (1, 2) for b in cost.BACKWARD_FORMS])
+def test_merged_weight_is_priced_only_where_a_form_builds_it(forward, backward):
+    """Forward 2 and the merged-dX backwards build W + s B A (o x i) inside the op (docs/distributed.md)."""
+    shape = cost.SiteShape(T, I, O, R, x_bytes=4, adapter_bytes=4)
+    merged = forward == 2 or cost.BACKWARD_FORMS[backward][2] == "merged"
+    assert cost.transient_bytes(forward, backward, shape) == (4 * O * I if merged else 0)
+    no_dx = cost.SiteShape(T, I, O, R, x_bytes=4, adapter_bytes=4, x_needs_grad=False)
+    assert cost.transient_bytes(forward, backward, no_dx) == (4 * O * I if forward == 2 else 0)
+    priced = cost.price_form(cost.Form(forward, backward, 0, 0, True, transient_bytes=O * I * 4),
+                             cost.SiteShape(8, 16, 32, 4, x_bytes=4, adapter_bytes=4))
+    assert priced.transient_bytes == 32 * 16 * 4

@@ -33,6 +33,7 @@ from fxlora.bench.harness import (
     VARIANTS,
     DTYPES,
     INNERS,
+    PARALLEL,
     MIB,
     NOISY_SPREAD,
     BenchResult,
@@ -83,6 +84,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     step.add_argument("--warmup", type=int, default=2, help="warm-up steps, the first of which compiles [%(default)s]")
     step.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32, or bf16 autocast over fp32 weights [%(default)s]")
     step.add_argument("--device", default="cpu", help="torch device [%(default)s]")
+    step.add_argument("--parallel", choices=PARALLEL, default="none",
+                      help="wrap every contestant in DDP or FSDP2 (fully_shard per decoder layer) on --world ranks [%(default)s]")
+    step.add_argument("--world", type=int, default=2, help="ranks for --parallel (gloo on a CPU, nccl on GPUs) [%(default)s]")
     step.add_argument("--seed", type=int, default=0, help="seeds weights, batch and dropout [%(default)s]")
     step.add_argument("--inner", choices=INNERS, default="inductor",
                       help="aot_eager: compile floor, peft-inductor and fxlora (option inner) without codegen; for smoke tests [%(default)s]")
@@ -162,6 +166,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         fxlora_options=args.fxlora_options,
         seed=args.seed,
         device=args.device,
+        parallel=args.parallel,
     )
 
 
@@ -217,7 +222,9 @@ def caption(result: BenchResult) -> str:
     return (
         f"{_ADAPTER_NAMES[s.get('adapter', 'lora')]} training step (forward + backward + AdamW) on {m['processor']}, {m['cpu_count']} CPUs "
         f"({m['torch_threads']} torch threads), {m['device']}; torch {m['torch']}, transformers {m.get('transformers', '?')}, "
-        f"peft {m.get('peft', '?')}, fxlora {m.get('fxlora_commit') or '?'}. {s['dtype']}; random-init "
+        f"peft {m.get('peft', '?')}, fxlora {m.get('fxlora_commit') or '?'}. "
+        + (f"{m['parallel']}, figures per rank (rank 0). " if m.get("parallel") else "")
+        + f"{s['dtype']}; random-init "
         f"{shape['family']} hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, "
         f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}; {_adapter_targets(s)}. "
         f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
@@ -283,6 +290,8 @@ def write_csv(result: BenchResult, path: str) -> None:
 def write_outputs(result: BenchResult, args: argparse.Namespace) -> list[str]:
     """Write every file the run promises; return their paths for the closing message."""
     tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%d-%H%M%S"))
+    if args.parallel != "none" and not args.tag:
+        tag = f"{args.parallel}{args.world}_{tag}"
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"{args.adapter}_{tag}")
     table = markdown_table(result)
@@ -326,11 +335,16 @@ def run(args: argparse.Namespace) -> int:
     cases = cases_from(args)
     if settings.steps < 5 or settings.warmup < 2:
         print(f"note: {settings.steps} timed / {settings.warmup} warm-up steps is below measuring.md's 5 / 2", file=sys.stderr)
-    progress = TqdmProgress(len(cases) * steps_per_case(settings), disable=args.no_progress)
-    try:
-        result = run_sweep(cases, settings, progress)
-    finally:
-        progress.close()
+    if settings.parallel != "none":
+        from fxlora.bench.distributed import run_sweep_on_ranks
+
+        result = run_sweep_on_ranks(cases, settings, args.world, progress=not args.no_progress)
+    else:
+        progress = TqdmProgress(len(cases) * steps_per_case(settings), disable=args.no_progress)
+        try:
+            result = run_sweep(cases, settings, progress)
+        finally:
+            progress.close()
     paths = write_outputs(result, args)
     print(markdown_table(result))
     print(f"{len(result.measurements)} measurements in {result.duration_s:.0f} s; wrote {', '.join(paths)}")

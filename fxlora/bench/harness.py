@@ -49,6 +49,7 @@ VELORA_BENCH = {"method": "velora", "sub_token": "D/32", "targets": ["all"]}  # 
 DTYPES = ("fp32", "bf16")
 ADAPTERS = ("lora", "ia3", "vera", "reft")  # PEFT LoraConfig, IA3Config (default targets), VeraConfig; fxlora.reft LoReFT
 INNERS = ("inductor", "aot_eager")
+PARALLEL = ("none", "ddp", "fsdp")
 MIB = 2**20
 NOISY_SPREAD = 0.25  # (max - min) / median of the timed steps above which a step time is flagged noisy
 
@@ -103,6 +104,7 @@ class Settings:
     lr: float = 1e-4
     seed: int = 0
     device: str = "cpu"
+    parallel: str = "none"  # "ddp" or "fsdp": each contestant wrapped on every rank (fxlora.bench.distributed)
 
     def __post_init__(self):
         unknown = [c for c in self.contestants if c not in ALL_CONTESTANTS]
@@ -114,6 +116,8 @@ class Settings:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.inner not in INNERS:
             raise ValueError(f"inner must be one of {INNERS}, got {self.inner!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.warmup < 1 or self.steps < 1:
             raise ValueError("need at least 1 warm-up step (it carries the compile) and 1 timed step")
 
@@ -328,8 +332,15 @@ def fxlora_options(settings: Settings) -> dict[str, Any]:
 
 def build_contestant(name: str, case: Case, settings: Settings) -> Contestant:
     model = build_model(name, case, settings)
+    if settings.parallel != "none":
+        from fxlora.bench.distributed import parallelize
+
+        model = parallelize(model, settings.parallel)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    storages = frozenset(t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()))
+    storages = frozenset(
+        getattr(t, "_local_tensor", t).untyped_storage().data_ptr()  # an FSDP shard: its local tensor
+        for t in (*model.parameters(), *model.buffers())
+    )
     return Contestant(
         name=name,
         model=compile_for(name, model, settings),
@@ -382,19 +393,32 @@ def _sync(settings: Settings) -> None:
 class SavedBytes:
     """Counts what autograd saves for backward: each storage once, fake tensors (tracing) skipped.
 
-    Compiled graphs save through the same hooks, so eager and compiled contestants are
-    counted alike. Parameter storages are tallied apart: they are alive anyway.
+    Used as the forward's context: storages are read when forward ends, so a saved reference
+    to a weight FSDP has freed (resized to 0 after forward) counts nothing, as it costs
+    nothing. Compiled graphs save through the same hooks, so eager and compiled contestants
+    are counted alike. Parameter storages are tallied apart: they are alive anyway.
     """
 
     def __init__(self, param_storages: frozenset[int]):
         self.param_storages = param_storages
+        self.saved: dict[int, torch.UntypedStorage] = {}
         self.storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         if not _is_fake(t):
             storage = t.untyped_storage()
-            self.storages[storage.data_ptr()] = storage.nbytes()
+            self.saved[storage.data_ptr()] = storage
         return t
+
+    def __enter__(self) -> "SavedBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self.storages = {ptr: storage.nbytes() for ptr, storage in self.saved.items()}
+        self.saved.clear()
 
     @property
     def activation_bytes(self) -> int:
@@ -417,7 +441,7 @@ def probe_step(c: Contestant, batch, settings: Settings, seed: int) -> None:
     is_cuda = torch.device(settings.device).type == "cuda"
     if is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    train_step(c, batch, settings, seed, forward_context=torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t))
+    train_step(c, batch, settings, seed, forward_context=counter)
     c.result.saved_bytes = counter.activation_bytes
     c.result.saved_param_bytes = counter.param_bytes
     if is_cuda:

@@ -109,3 +109,19 @@ def test_reft_crossover_plot(tmp_path, capsys):
     crossover.main(["--out", str(out)])
     assert out.stat().st_size > 10_000
     assert "saved-bytes crossover T = 512" in capsys.readouterr().out  # o_proj 512 -> 512, x rebuilt: T = o i / o
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_rank_rows(tmp_path, parallel):
+    """--parallel spawns 2 gloo ranks; the table is rank 0's, per rank, and says so."""
+    argv = ["--inner", "aot_eager", "--steps", "1", "--warmup", "1", "--seqs", "16", "--ranks", "4", "--dropouts", "0",
+            "--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4", "--vocab", "128",
+            "--contestants", "peft-eager,fxlora", "--parallel", parallel, "--out-dir", str(tmp_path),
+            "--no-plot", "--no-progress"]
+    assert cli.main(argv) == 0
+    [path] = tmp_path.glob(f"lora_{parallel}2_*.json")
+    data = json.loads(path.read_text())
+    assert data["machine"]["parallel"] == f"{parallel} on 2 ranks (gloo)"
+    fx = next(m for m in data["measurements"] if m["contestant"] == "fxlora")
+    assert fx["fxlora_sites"] == 7 and fx["saved_bytes"] > 0
+    assert "figures per rank" in (tmp_path / "latest.md").read_text()

@@ -145,3 +145,27 @@ def alive_saved_shapes(model, batch) -> list[tuple[tuple[int, ...], int]]:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return shapes
+
+
+def tensor_parallel_worker(rank: int, world: int) -> dict[str, Any]:
+    """A hand-written LoRA whose base linear is column-parallel (DTensor): fxlora must leave it alone."""
+    import fxlora
+    from fxlora.bench.models import HandLoRALinear
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = HandLoRALinear(32, 32, r=4)
+    parallelize_module(model, init_device_mesh("cpu", (world,)), {"base": ColwiseParallel(output_layouts=Replicate())})
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    eager = _plain_step(model, x)
+    compiled = _plain_step(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), x)
+    return {"eager": eager, "compiled": compiled, **_report(fxlora)}
+
+
+def _plain_step(model, x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {_name(n): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
