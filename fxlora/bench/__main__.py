@@ -350,6 +350,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(result.measurements)} measurements in {result.duration_s:.0f} s; wrote {', '.join(paths)}")
     for m in result.errors:
         print(f"error: {m.contestant} at {m.case.label()}: {m.error}", file=sys.stderr)
+    for m in result.measurements:
+        if m.contestant.startswith("fxlora") and m.fxlora_sites == 0:
+            print(f"warning: {m.contestant} at {m.case.label()} rewrote no site: its row measures the untouched "
+                  "model (a recompile limit? run with TORCH_LOGS=recompiles)", file=sys.stderr)
     return 1 if result.errors else 0
 
 

@@ -29,6 +29,11 @@ def parallelize(model: nn.Module, how: str) -> nn.Module:
     if how == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # Each sharded layer is its own graph. A KV cache makes Dynamo guard on the layer
+        # index, one recompile per layer, and past recompile_limit (8) layers run uncompiled;
+        # training needs no cache (gradient checkpointing turns it off for the same reason).
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            model.config.use_cache = False
         for module in model.modules():
             if type(module).__name__.endswith("DecoderLayer"):
                 fully_shard(module)

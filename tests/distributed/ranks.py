@@ -58,7 +58,7 @@ def single_process_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss_and_grads(lora_llama(), full_batch())
 
 
-def _report(fxlora) -> dict[str, Any]:
+def report_summary(fxlora) -> dict[str, Any]:
     report = fxlora.last_report()
     return {
         "text": str(report),
@@ -98,14 +98,17 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
     dist._DEFAULT_FIRST_BUCKET_BYTES = min(dist._DEFAULT_FIRST_BUCKET_BYTES, int(bucket_mb * 2**20))
     options = {"inner": "aot_eager", **(options or {})}
     model = lora_llama()
-    if order == "ddp-then-compile":
-        step_model = torch.compile(DDP(model, bucket_cap_mb=bucket_mb), backend="fxlora", options=options)
-    else:  # DDP around the compiled module
+    if order == "python-reducer":  # no graph split: compiled autograd traces DDP's all-reduces instead
+        torch._dynamo.config.optimize_ddp = "python_reducer"
+        torch._dynamo.config.compiled_autograd = True
+    if order == "compile-then-ddp":  # DDP around the compiled module
         step_model = DDP(torch.compile(model, backend="fxlora", options=options), bucket_cap_mb=bucket_mb)
+    else:
+        step_model = torch.compile(DDP(model, bucket_cap_mb=bucket_mb), backend="fxlora", options=options)
     loss, params = _step(step_model, rank_batch(rank, world))
     dist.all_reduce(loss)
     grads = {_name(n): p.grad.detach().clone() for n, p in params}
-    return {"loss": loss / world, "grads": grads, **_report(fxlora)}
+    return {"loss": loss / world, "grads": grads, **report_summary(fxlora)}
 
 
 def fsdp_worker(rank: int, world: int, options: dict | None = None, probe_saved: bool = False) -> dict[str, Any]:
@@ -125,7 +128,7 @@ def fsdp_worker(rank: int, world: int, options: dict | None = None, probe_saved:
     loss, params = _step(compiled, batch)
     dist.all_reduce(loss)
     grads = {_name(n): p.grad.full_tensor().detach().clone() for n, p in params}
-    return {"loss": loss / world, "grads": grads, **out, **_report(fxlora)}
+    return {"loss": loss / world, "grads": grads, **out, **report_summary(fxlora)}
 
 
 def alive_saved_shapes(model, batch) -> list[tuple[tuple[int, ...], int]]:
@@ -161,7 +164,7 @@ def tensor_parallel_worker(rank: int, world: int) -> dict[str, Any]:
     x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
     eager = _plain_step(model, x)
     compiled = _plain_step(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), x)
-    return {"eager": eager, "compiled": compiled, **_report(fxlora)}
+    return {"eager": eager, "compiled": compiled, **report_summary(fxlora)}
 
 
 def _plain_step(model, x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

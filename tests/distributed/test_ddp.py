@@ -51,3 +51,22 @@ def test_stock_splitter_hides_cut_sites_and_says_so(tmp_path):
         assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
         assert got["rewritten"] == got["sites"] < SITES
         assert got["notes"] and all("bucket's piece" in n for n in got["notes"])
+
+
+def test_python_reducer_with_compiled_autograd(tmp_path):
+    """optimize_ddp="python_reducer": Dynamo does not split, compiled autograd traces fxlora's backward ops."""
+    ranks = run_ranks(ddp_worker, tmp_path, order="python-reducer", bucket_mb=0.002)
+    ref = single_process_step()
+    for got in ranks:
+        assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
+        assert (got["sites"], got["rewritten"], got["pieces"]) == (SITES, SITES, [])
+
+
+@pytest.mark.inductor
+def test_ddp_split_graph_under_inductor(tmp_path):
+    """The pieces of the rewritten graph compile with Inductor (rematerialize on) and stay exact."""
+    ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=0.002, options={"inner": "inductor"})
+    ref = single_process_step()
+    for got in ranks:
+        assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-5)
+        assert (got["sites"], got["rewritten"]) == (SITES, SITES) and len(got["pieces"]) > 1

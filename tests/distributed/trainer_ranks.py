@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tests.distributed.ranks import _report, lora_llama
+from tests.distributed.ranks import lora_llama, report_summary
 
 EXAMPLES, SEQ = 8, 16  # the whole dataset is one global batch, so every step sees every sequence
 STEPS = 2
@@ -43,7 +43,8 @@ def _chain(module) -> list[str]:
     names = []
     while module is not None:
         names.append(type(module).__name__)
-        module = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        inner = getattr(module, "_orig_mod", None)  # no `or`: a wrapper with __len__ could read as False
+        module = inner if inner is not None else getattr(module, "module", None)
     return names
 
 
@@ -81,4 +82,4 @@ def trainer_worker(rank: int, world: int, output_dir: str, **args) -> dict[str, 
 
     fxlora.clear_reports()
     out = train(output_dir, world=world, compile_backend="fxlora", **args)
-    return {**out, **_report(fxlora)}
+    return {**out, **report_summary(fxlora)}
