@@ -105,7 +105,7 @@ def fxlora_calls(graph: fx.Graph) -> list[str]:
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxlora":
             # the rewrite gives the op's result (a getitem) the site's metadata
             where = next(filter(None, (module_path(user) for user in node.users)), None) or node.name
-            calls.append(f"{node.target._opname} {where}")
+            calls.append(where if node.target._opname == "lora_linear" else f"{where} ({node.target._opname})")
     return calls
 
 

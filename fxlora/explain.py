@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -204,9 +205,13 @@ def _format_graph(g: GraphReport) -> list[str]:
 
 
 def _format_pieces(pieces) -> list[str]:
-    lines = [f"  DDP split the rewritten graph into {len(pieces)} bucket sub-graph(s); fxlora ops in each:"]
+    every = [c for calls in pieces for c in calls]
+    prefix = os.path.commonprefix(every) if len(every) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]  # whole module names only
+    lines = [f"  DDP split the rewritten graph into {len(pieces)} bucket sub-graph(s); fxlora ops (LoRA unless named) in each"
+             + (f", under {prefix[:-1]}:" if prefix else ":")]
     for k, calls in enumerate(pieces):
-        lines.append(f"    sub-graph {k}: {len(calls)}" + (f" ({', '.join(calls)})" if calls else ""))
+        lines.append(f"    sub-graph {k}: {len(calls)}" + (f" ({', '.join(c[len(prefix):] for c in calls)})" if calls else ""))
     return lines
 
 
