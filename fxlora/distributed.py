@@ -8,9 +8,9 @@ lets DDPOptimizer split the rewritten graph with DDP's own buckets, so the comm/
 overlap DDPOptimizer exists for is kept. Backends other than fxlora see stock DDPOptimizer.
 
 FSDP2. `fully_shard` swaps each module's sharded DTensor parameters for plain unsharded
-tensors around its forward and backward; Dynamo (skip_fsdp_hooks, the default) runs those
-hooks outside the graph, so inside it W is a plain frozen parameter and the passes work as
-on one device. What FSDP needs of a rewrite is that no copy of the unsharded W outlives the
+tensors around its forward and backward. Dynamo breaks the graph at each sharded module and
+runs those hooks eagerly, so each layer is its own graph in which W is a plain frozen
+parameter, and the passes work as on one device. What FSDP needs of a rewrite is that no copy of the unsharded W outlives the
 op: fxlora's ops save W itself (whose storage FSDP frees after forward and refills before
 backward) and rebuild a merged W + sBA in backward instead of saving it (cost.transient_bytes).
 
@@ -21,15 +21,11 @@ What fxlora cannot do yet is said at compile time and leaves the graph untouched
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 import torch.fx as fx
 
 from fxlora.graph_utils import module_path
-
-log = logging.getLogger("fxlora")
 
 # A backend callable that wants the whole graph under DDP carries this attribute and takes a
 # `split` keyword: a function (rewritten gm, example_inputs, compile_piece) -> compiled callable.
@@ -133,9 +129,9 @@ def _inside_ddp_forward() -> bool:
 def unsupported_parallelism(gm: fx.GraphModule) -> Optional[str]:
     """Why fxlora must leave this graph untouched, or None.
 
-    DTensor inputs mean tensor parallelism, or FSDP2 with its hooks traced into the graph
-    (torch._dynamo.config.skip_fsdp_hooks = False): the weights are shards and the
-    collectives are graph ops, and fxlora's ops are not DTensor-aware yet.
+    DTensor inputs mean tensor parallelism, or sharded parameters traced into the graph:
+    the weights are shards and the collectives are graph ops, and fxlora's ops are not
+    DTensor-aware yet.
     """
     try:
         from torch.distributed.tensor import DTensor
@@ -145,10 +141,10 @@ def unsupported_parallelism(gm: fx.GraphModule) -> Optional[str]:
         for node in gm.graph.find_nodes(op="placeholder"):
             if isinstance(node.meta.get("example_value"), DTensor):
                 return (
-                    "DTensor inputs (tensor parallelism, or FSDP2 with skip_fsdp_hooks=False): not supported yet; "
-                    "keep torch._dynamo.config.skip_fsdp_hooks = True (the default) for FSDP2"
+                    "DTensor inputs (tensor parallelism, or sharded parameters traced into the graph): "
+                    "fxlora's ops are not DTensor-aware yet; FSDP2's fully_shard works (docs/distributed.md)"
                 )
     for node in gm.graph.nodes:
         if node.op == "call_function" and "fsdp" in str(getattr(node.target, "namespace", "")):
-            return "FSDP collectives traced into the graph: not supported yet (keep skip_fsdp_hooks = True)"
+            return "FSDP collectives traced into the graph: not supported yet; compile fully_shard modules as usual (docs/distributed.md)"
     return None
