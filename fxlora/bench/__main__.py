@@ -87,6 +87,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     step.add_argument("--parallel", choices=PARALLEL, default="none",
                       help="wrap every contestant in DDP or FSDP2 (fully_shard per decoder layer) on --world ranks [%(default)s]")
     step.add_argument("--world", type=int, default=2, help="ranks for --parallel (gloo on a CPU, nccl on GPUs) [%(default)s]")
+    step.add_argument("--ddp-bucket-mb", type=float, default=25.0,
+                      help="DDP bucket_cap_mb; small values split each graph into DDPOptimizer pieces [%(default)s]")
     step.add_argument("--seed", type=int, default=0, help="seeds weights, batch and dropout [%(default)s]")
     step.add_argument("--inner", choices=INNERS, default="inductor",
                       help="aot_eager: compile floor, peft-inductor and fxlora (option inner) without codegen; for smoke tests [%(default)s]")
@@ -167,6 +169,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         device=args.device,
         parallel=args.parallel,
+        ddp_bucket_mb=args.ddp_bucket_mb,
     )
 
 
@@ -223,7 +226,7 @@ def caption(result: BenchResult) -> str:
         f"{_ADAPTER_NAMES[s.get('adapter', 'lora')]} training step (forward + backward + AdamW) on {m['processor']}, {m['cpu_count']} CPUs "
         f"({m['torch_threads']} torch threads), {m['device']}; torch {m['torch']}, transformers {m.get('transformers', '?')}, "
         f"peft {m.get('peft', '?')}, fxlora {m.get('fxlora_commit') or '?'}. "
-        + (f"{m['parallel']}, figures per rank (rank 0). " if m.get("parallel") else "")
+        + (f"{m['parallel']}{_buckets(s)}, figures per rank (rank 0). " if m.get("parallel") else "")
         + f"{s['dtype']}; random-init "
         f"{shape['family']} hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, "
         f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}; {_adapter_targets(s)}. "
@@ -247,6 +250,10 @@ def _adapter_targets(s: dict) -> str:
     if adapter == "reft":
         return "fxlora.reft LoReFT on o_proj and down_proj outputs, every position (peft-* = the same model uncompiled / under Inductor)"
     return f"LoRA on all linears, alpha {s['lora_alpha']}"
+
+
+def _buckets(s: dict) -> str:
+    return f" with {s['ddp_bucket_mb']:g} MB DDP buckets" if s.get("parallel") == "ddp" else ""
 
 
 def _load(load) -> str:

@@ -3,7 +3,9 @@
 `python -m fxlora.bench --parallel ddp|fsdp [--world 2]` spawns the ranks (gloo on a CPU,
 nccl on GPUs), runs the same interleaved sweep on each (collectives keep them in step) and
 reports rank 0's figures, which are per rank: step time including the gradient
-all-reduce / reduce-scatter, and the bytes that rank saves for backward.
+all-reduce / reduce-scatter, and the bytes that rank saves for backward. `--ddp-bucket-mb`
+small enough makes Dynamo's DDPOptimizer cut each graph into bucket pieces (fxlora's
+rewrite comes first, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import torch.nn as nn
 from fxlora.bench.harness import BenchResult, Case, Progress, Settings, run_sweep, steps_per_case
 
 
-def parallelize(model: nn.Module, how: str) -> nn.Module:
+def parallelize(model: nn.Module, how: str, bucket_mb: float = 25.0) -> nn.Module:
     """DDP around the model, or FSDP2's fully_shard on each decoder layer and at the root."""
     if how == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model)
+        # Dynamo's DDPOptimizer refuses buckets smaller than DDP's 1 MiB first bucket; small
+        # buckets are what make it split a small model's graph, so the first one shrinks too.
+        dist._DEFAULT_FIRST_BUCKET_BYTES = min(dist._DEFAULT_FIRST_BUCKET_BYTES, int(bucket_mb * 2**20))
+        return DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
     if how == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -105,6 +105,7 @@ class Settings:
     seed: int = 0
     device: str = "cpu"
     parallel: str = "none"  # "ddp" or "fsdp": each contestant wrapped on every rank (fxlora.bench.distributed)
+    ddp_bucket_mb: float = 25.0  # DDP's bucket_cap_mb; small values make Dynamo split each graph into pieces
 
     def __post_init__(self):
         unknown = [c for c in self.contestants if c not in ALL_CONTESTANTS]
@@ -143,6 +144,7 @@ class Measurement:
     first_loss: float = float("nan")  # before any optimizer step: equal weights give equal losses
     peak_bytes: Optional[int] = None  # CUDA only: max allocated during the saved-bytes step
     fxlora_sites: Optional[int] = None  # LoRA sites fxlora reported, fxlora contestant only
+    fxlora_ddp_pieces: Optional[int] = None  # bucket sub-graphs DDP cut fxlora's graphs into (--parallel ddp)
     error: Optional[str] = None
     time_ratio: Optional[float] = None  # step_ms / best peer's step_ms
     saved_ratio: Optional[float] = None
@@ -335,7 +337,7 @@ def build_contestant(name: str, case: Case, settings: Settings) -> Contestant:
     if settings.parallel != "none":
         from fxlora.bench.distributed import parallelize
 
-        model = parallelize(model, settings.parallel)
+        model = parallelize(model, settings.parallel, bucket_mb=settings.ddp_bucket_mb)
     trainable = [p for p in model.parameters() if p.requires_grad]
     storages = frozenset(
         getattr(t, "_local_tensor", t).untyped_storage().data_ptr()  # an FSDP shard: its local tensor
@@ -491,6 +493,7 @@ def first_step(c: Contestant, batch, settings: Settings) -> None:
     c.result.first_step_ms, c.result.first_loss = timed_step(c, batch, settings, settings.seed)
     if reports_before is not None:
         c.result.fxlora_sites = _fxlora_sites_since(reports_before)
+        c.result.fxlora_ddp_pieces = _fxlora_pieces_since(reports_before)
 
 
 def _round(contestants: Sequence[Contestant], progress: Progress, label: str, step: Callable[[Contestant], Any]) -> None:
@@ -533,6 +536,18 @@ def _fxlora_sites_since(before: Optional[int]) -> Optional[int]:
 
         graphs = fxlora.last_report().graphs
         return sum(len(g.sites) for g in graphs[before:]) if before is not None else None
+    except Exception:
+        return None
+
+
+def _fxlora_pieces_since(before: Optional[int]) -> Optional[int]:
+    """None unless DDP split fxlora's graphs (then: how many pieces)."""
+    if before is None:
+        return None
+    try:
+        import fxlora
+
+        return sum(len(g.pieces) for g in fxlora.last_report().graphs[before:]) or None
     except Exception:
         return None
 
