@@ -83,7 +83,7 @@ def _name(n: str) -> str:
 
 
 def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb: float = 25.0,
-               options: dict | None = None, hook: bool = True) -> dict[str, Any]:
+               options: dict | None = None, hook: bool = True, explain: bool = False) -> dict[str, Any]:
     """One DDP step; `bucket_mb` small enough splits the graph into several DDPOptimizer pieces.
 
     hook=False puts Dynamo's stock DDPOptimizer back, as on a torch fxlora cannot hook."""
@@ -108,7 +108,10 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
     loss, params = _step(step_model, rank_batch(rank, world))
     dist.all_reduce(loss)
     grads = {_name(n): p.grad.detach().clone() for n, p in params}
-    return {"loss": loss / world, "grads": grads, **report_summary(fxlora)}
+    out = {"loss": loss / world, "grads": grads, **report_summary(fxlora)}
+    if explain:  # fxlora.explain on the DDP model: the same whole-graph rewrite, run eagerly
+        out["explain"] = str(fxlora.explain(DDP(model, bucket_cap_mb=bucket_mb), **rank_batch(rank, world)))
+    return out
 
 
 def fsdp_worker(rank: int, world: int, options: dict | None = None, probe_saved: bool = False) -> dict[str, Any]:

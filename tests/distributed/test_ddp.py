@@ -14,7 +14,7 @@ SITES = 14  # 7 linears x 2 layers
 @pytest.mark.parametrize("order", ["ddp-then-compile", "compile-then-ddp"])
 def test_ddp_split_graph_keeps_every_site_and_equals_one_process(tmp_path, order):
     """Tiny buckets make DDPOptimizer cut the graph between sites (and, before the rewrite, inside them)."""
-    ranks = run_ranks(ddp_worker, tmp_path, order=order, bucket_mb=0.002)
+    ranks = run_ranks(ddp_worker, tmp_path, order=order, bucket_mb=0.002, explain=order == "ddp-then-compile")
     ref = single_process_step()
     for got in ranks:
         assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
@@ -23,6 +23,8 @@ def test_ddp_split_graph_keeps_every_site_and_equals_one_process(tmp_path, order
         assert len(got["pieces"]) > 1, "the buckets should have split the graph"
         assert sum(len(p) for p in got["pieces"]) == SITES
         assert "bucket sub-graph(s)" in got["text"] and "1.mlp.down_proj)" in got["text"]
+        if "explain" in got:
+            assert got["explain"].count("sub-graph ") == len(got["pieces"]) and "1.mlp.down_proj)" in got["explain"]
 
 
 def test_ddp_one_bucket_is_one_piece(tmp_path):
