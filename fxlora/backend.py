@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from fxlora.config import Config, check_mode
-from fxlora.distributed import ddp_piece_note, fxlora_calls, splits_after_rewrite, unsupported_parallelism
+from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
 from fxlora.explain import GraphReport, record
 from fxlora.verify import verify_first_call
 from fxlora.passes import (
@@ -68,8 +68,10 @@ def compile_graph(
         # Match and rewrite a copy (one cheap node pass): if anything goes wrong the
         # untouched graph is still at hand.
         candidate = fx.GraphModule(gm, _copy_graph(gm))
-        # DDP's splitter hands this to each piece. Without Dynamo's compile id in `meta`, AOT
-        # does not ask it for a source of every attribute (the rewrites add some, e.g. VeLoRA's v).
+        # DDP's splitter copies `_param_name_to_source` to each piece and fails without it.
+        # `meta` stays empty on purpose: without Dynamo's compile id there, AOT does not demand
+        # a source for every attribute, and the rewrites add some (VeLoRA's v). The price: AOT
+        # treats rewritten graphs as not Dynamo's and marks no static inputs (cudagraphs).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
         match = find_lora_sites(candidate)
@@ -86,6 +88,9 @@ def compile_graph(
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = unsupported or f"passes failed ({type(err).__name__}: {err})"
         decisions, scaling = [], []
+    piece_note = ddp_piece_note() if split is None else None
+    if piece_note:
+        log.warning("fxlora: graph %s %s", compile_id, piece_note)
     report = GraphReport(
         compile_id=compile_id,
         num_nodes=len(gm.graph.nodes),
@@ -95,27 +100,43 @@ def compile_graph(
         fallback=fallback,
         decisions=decisions,
         scaling=scaling,
-        notes=[note] if split is None and (note := ddp_piece_note()) else [],
+        notes=[piece_note] if piece_note else [],
     )
     if match is not None:
         log.info(
             "fxlora: graph %s: %d LoRA sites, %d rewritten, %d rejected",
             compile_id, len(match.sites), sum(d.rewritten for d in decisions), len(match.rejections),
         )
-    on_report(report)
-    if config.dump_graphs:
-        _dump(report, config.dump_graphs)
     rewritten = any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds)
     if run_with is not None:
         config = config.replace(inner=run_with, verify=False)
     remat = config.rematerialize and rewritten
 
-    def compile_piece(piece: fx.GraphModule, inputs: Sequence[Any]) -> Callable:
+    def compile_piece(piece: fx.GraphModule, inputs: Sequence[Any], **_dynamo_configs: Any) -> Callable:
+        # Dynamo's debug config overrides are dropped: Inductor's patches come from fxlora's options.
         if split is not None:
-            report.pieces.append(fxlora_calls(piece.graph))
+            report.pieces.append(fxlora_op_sites(piece.graph))
         return _inner_compile(piece, inputs, config, mode, rematerialize=remat)
 
-    compiled = compile_piece(gm, example_inputs) if split is None else split(gm, example_inputs, compile_piece)
+    def compile_whole(graph: fx.GraphModule) -> Callable:
+        return compile_piece(graph, example_inputs) if split is None else split(graph, example_inputs, compile_piece)
+
+    try:
+        try:
+            compiled = compile_whole(gm)
+        except Exception as err:  # as for the passes: a rewrite must never be why training stops
+            if gm is original:
+                raise
+            log.warning("fxlora: graph %s: compiling the rewritten graph failed (%s: %s); compiling it untouched",
+                        compile_id, type(err).__name__, err)
+            report.fallback = f"compiling the rewritten graph failed ({type(err).__name__}: {err}); compiled untouched"
+            report.graph_after, report.pieces[:] = before, []
+            gm, rewritten, remat = original, False, False
+            compiled = compile_whole(original)
+    finally:  # after compiling, so DDP's pieces are in the log and the dump
+        on_report(report)
+        if config.dump_graphs:
+            _dump(report, config.dump_graphs)
     if config.verify and rewritten:
         n = sum(d.rewritten for d in decisions) + sum(d.rewritten for _, ds in scaling for d in ds)
         compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
@@ -152,7 +173,7 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     copies: dict = {}
     out = graph.graph_copy(gm.graph, copies)
     graph.output(out)
-    for node, copy in copies.items():  # Dynamo's input sources, which DDP's graph splitter reads
+    for node, copy in copies.items():  # DDP's splitter (propagate_dynamo_source) reads every placeholder's
         if hasattr(node, "_dynamo_source"):
             copy._dynamo_source = node._dynamo_source
     return graph

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.fx as fx
 
 from fxlora.graph_utils import module_path
@@ -59,6 +60,8 @@ def install_ddp_split_after_rewrite() -> bool:
     class DDPOptimizerSplitAfterRewrite(stock):
         """DDPOptimizer that lets an fxlora backend rewrite the whole graph before the bucket split."""
 
+        stock_class = stock  # what Dynamo had: for tests, and for anyone undoing this
+
         def compile_fn(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any):
             backend = _fxlora_backend_of(self.backend_compile_fn)
             if backend is None:
@@ -78,14 +81,20 @@ def install_ddp_split_after_rewrite() -> bool:
 def _fxlora_backend_of(fn: Callable) -> Optional[Callable]:
     """fxlora's backend with its torch.compile options bound, if `fn` wraps one; else None.
 
-    Dynamo wraps the backend in WrapBackendDebug (`_torchdynamo_orig_backend`) around
-    torch.compile's _TorchCompileWrapper (`compiler_fn`, `kwargs`: mode and options)."""
+    torch.compile's _TorchCompileWrapper holds the backend as `compiler_fn` and its mode and
+    options as `kwargs`; Dynamo's WrapBackendDebug copies those attributes (functools.wraps),
+    and other wrappers point inward with `_torchdynamo_orig_backend`. A functools.partial of
+    fxlora's backend is unwrapped too. (Dynamo's `repro_after` minifier wrapper is bypassed.)
+    """
     kwargs: dict = {}
     for _ in range(16):  # a wrapper chain, never a cycle; bounded all the same
         if getattr(fn, SPLITS_AFTER_REWRITE, False):
             return functools.partial(fn, **kwargs)
-        if hasattr(fn, "compiler_fn") and hasattr(fn, "kwargs"):
-            kwargs = dict(fn.kwargs)
+        if isinstance(fn, functools.partial):
+            kwargs = {**fn.keywords, **kwargs}
+            fn = fn.func
+        elif hasattr(fn, "compiler_fn") and hasattr(fn, "kwargs"):
+            kwargs = {**fn.kwargs, **kwargs}
             fn = fn.compiler_fn
         elif hasattr(fn, "_torchdynamo_orig_backend"):
             fn = fn._torchdynamo_orig_backend
@@ -94,8 +103,8 @@ def _fxlora_backend_of(fn: Callable) -> Optional[Callable]:
     return None
 
 
-def fxlora_calls(graph: fx.Graph) -> list[str]:
-    """The fxlora ops of a graph, each with the module it came from: what explain lists per DDP piece."""
+def fxlora_op_sites(graph: fx.Graph) -> list[str]:
+    """The module path of each fxlora op in a graph (op name added unless LoRA): explain's list per DDP piece."""
     calls = []
     for node in graph.nodes:
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxlora":
@@ -106,14 +115,19 @@ def fxlora_calls(graph: fx.Graph) -> list[str]:
 
 
 def ddp_piece_note() -> Optional[str]:
-    """Why a graph may hold only part of a site: fxlora was handed one DDPOptimizer piece."""
-    if not _inside_ddp_forward():
+    """Why a graph may hold only part of a site: DDPOptimizer handed fxlora one bucket's piece."""
+    if not _inside_ddp_forward() or torch._dynamo.utils.get_optimize_ddp_mode() != "ddp_optimizer":
         return None
+    from torch._dynamo.backends import distributed as dynamo_ddp
+
+    why = (
+        "fxlora's backend was not recognised behind its wrappers"
+        if getattr(dynamo_ddp.DDPOptimizer, SPLITS_AFTER_REWRITE, False)
+        else "this torch has no DDPOptimizer class fxlora can hook"
+    )
     return (
-        "compiled inside a DDP forward without the whole-graph hook (this torch has no "
-        "torch._dynamo.backends.distributed.DDPOptimizer to hook): this graph is one bucket's "
-        "piece, and a site cut by a bucket boundary is not seen; set "
-        "torch._dynamo.config.optimize_ddp = False to compile whole graphs"
+        f"compiled as one DDP bucket's piece ({why}): a site cut by a bucket boundary is not seen; "
+        "pass backend=\"fxlora\" to torch.compile, or set torch._dynamo.config.optimize_ddp = False"
     )
 
 
@@ -135,16 +149,12 @@ def unsupported_parallelism(gm: fx.GraphModule) -> Optional[str]:
     """
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:
-        DTensor = None
-    if DTensor is not None:
-        for node in gm.graph.find_nodes(op="placeholder"):
-            if isinstance(node.meta.get("example_value"), DTensor):
-                return (
-                    "DTensor inputs (tensor parallelism, or sharded parameters traced into the graph): "
-                    "fxlora's ops are not DTensor-aware yet; FSDP2's fully_shard works (docs/distributed.md)"
-                )
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and "fsdp" in str(getattr(node.target, "namespace", "")):
-            return "FSDP collectives traced into the graph: not supported yet; compile fully_shard modules as usual (docs/distributed.md)"
+    except ImportError:  # torch built without distributed
+        return None
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if isinstance(node.meta.get("example_value"), DTensor):
+            return (
+                "DTensor inputs (tensor parallelism, or sharded parameters traced into the graph): "
+                "fxlora's ops are not DTensor-aware yet; FSDP2's fully_shard works (docs/distributed.md)"
+            )
     return None

@@ -28,7 +28,7 @@ class GraphReport:
     decisions: list = field(default_factory=list)  # fxlora.passes.Decision per site
     notes: list[str] = field(default_factory=list)
     scaling: list = field(default_factory=list)  # (ScalingMatch, [ScalingDecision]) per adapter kind: IA3, VeRA, ReFT
-    pieces: list = field(default_factory=list)  # DDP: the fxlora op calls of each bucket sub-graph, in order
+    pieces: list[list[str]] = field(default_factory=list)  # DDP: each bucket sub-graph's fxlora op sites, in order
 
     @property
     def scaling_sites(self) -> list:
@@ -178,7 +178,7 @@ def _format_graph(g: GraphReport) -> list[str]:
     m = g.match
     head = f"fxlora graph {g.compile_id} ({g.num_nodes} nodes)"
     if m is None:
-        return [head, f"  left untouched: {g.fallback}"]
+        return [head, f"  left untouched: {g.fallback}", *(f"  {note}" for note in g.notes), *_format_pieces(g)]
     shared = sum(1 for members in m.input_groups.values() if len(members) > 1)
     lines = [
         f"{head}: {len(m.sites)} LoRA sites on {m.linears} linears, "
@@ -197,21 +197,23 @@ def _format_graph(g: GraphReport) -> list[str]:
     if g.fallback:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
-    if g.pieces:
-        lines += _format_pieces(g.pieces)
+    lines += _format_pieces(g)
     if g.checkpointed_regions:
         lines.append(f"  {checkpoint_note(g.checkpointed_regions)}")
     return lines
 
 
-def _format_pieces(pieces) -> list[str]:
-    every = [c for calls in pieces for c in calls]
+def _format_pieces(g: GraphReport) -> list[str]:
+    if not g.pieces:
+        return []
+    every = [site for sites in g.pieces for site in sites]
     prefix = os.path.commonprefix(every) if len(every) > 1 else ""
     prefix = prefix[: prefix.rfind(".") + 1]  # whole module names only
-    lines = [f"  DDP split the rewritten graph into {len(pieces)} bucket sub-graph(s); fxlora ops (LoRA unless named) in each"
-             + (f", under {prefix[:-1]}:" if prefix else ":")]
-    for k, calls in enumerate(pieces):
-        lines.append(f"    sub-graph {k}: {len(calls)}" + (f" ({', '.join(c[len(prefix):] for c in calls)})" if calls else ""))
+    rewritten = any(d.rewritten for d in g.decisions) and not g.fallback
+    lines = [f"  DDP split the {'rewritten ' if rewritten else ''}graph into {len(g.pieces)} bucket sub-graph(s); "
+             "fxlora ops (LoRA unless named) in each" + (f", under {prefix[:-1]}:" if prefix else ":")]
+    for k, sites in enumerate(g.pieces):
+        lines.append(f"    sub-graph {k}: {len(sites)}" + (f" ({', '.join(s[len(prefix):] for s in sites)})" if sites else ""))
     return lines
 
 

@@ -77,6 +77,27 @@ def test_matching_failure_falls_back_to_untouched_graph(monkeypatch):
     assert "passes failed (RuntimeError: boom)" in str(fxlora.last_report())
 
 
+def test_inner_compile_failure_on_rewritten_graph_compiles_it_untouched(monkeypatch):
+    """A rewritten graph the inner compiler rejects is compiled as traced, and the report says so."""
+    import fxlora.backend as backend
+
+    real = backend._inner_compile
+
+    def rejects_fxlora_ops(gm, *args, **kwargs):
+        if any(getattr(n.target, "namespace", None) == "fxlora" for n in gm.graph.nodes):
+            raise RuntimeError("no kernel for fxlora::lora_linear")
+        return real(gm, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "_inner_compile", rejects_fxlora_ops)
+    model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
+    batch = token_batch(1, 8)
+    ref = loss_and_grads(model, batch)
+    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), batch)
+    assert_same_step(ref, got)
+    text = str(fxlora.last_report())
+    assert "compiling the rewritten graph failed (RuntimeError: no kernel for fxlora::lora_linear)" in text
+
+
 @pytest.mark.inductor
 def test_inductor_dropout_sites_draw_eager_masks():
     """Under Inductor the rewritten dropout sites draw eager PEFT's masks (in program order, though

@@ -388,6 +388,9 @@ def _cold_compile_caches(cache_dir: str) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     inductor_config.fx_graph_cache = False
     functorch_config.enable_autograd_cache = False
+    # --parallel's ranks are fresh interpreters: they read the caches' switches from the environment
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ def parallelize(model: nn.Module, how: str, bucket_mb: float = 25.0) -> nn.Modul
     if how == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # Dynamo's DDPOptimizer refuses buckets smaller than DDP's 1 MiB first bucket; small
-        # buckets are what make it split a small model's graph, so the first one shrinks too.
-        dist._DEFAULT_FIRST_BUCKET_BYTES = min(dist._DEFAULT_FIRST_BUCKET_BYTES, int(bucket_mb * 2**20))
+        allow_small_buckets(bucket_mb)
         return DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
     if how == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -39,12 +37,24 @@ def parallelize(model: nn.Module, how: str, bucket_mb: float = 25.0) -> nn.Modul
         # training needs no cache (gradient checkpointing turns it off for the same reason).
         if getattr(getattr(model, "config", None), "use_cache", False):
             model.config.use_cache = False
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        if not layers:
+            raise ValueError(f"--parallel fsdp shards decoder layers; {type(model).__name__} has none (a Llama-family model)")
+        for layer in layers:
+            fully_shard(layer)
         fully_shard(model)
         return model
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {how!r}")
+
+
+def allow_small_buckets(bucket_mb: float) -> None:
+    """Let Dynamo's DDPOptimizer take buckets under 1 MiB, the size of DDP's first bucket.
+
+    DDPOptimizer asserts that its first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
+    is no larger than the rest; small buckets are what split a small model's graph, so the
+    first one shrinks with them. Process-wide: call it in a rank, not in a parent process.
+    """
+    dist._DEFAULT_FIRST_BUCKET_BYTES = min(dist._DEFAULT_FIRST_BUCKET_BYTES, int(bucket_mb * 2**20))
 
 
 def run_sweep_on_ranks(cases: Sequence[Case], settings: Settings, world: int, progress: bool = True) -> BenchResult:

@@ -339,16 +339,20 @@ def build_contestant(name: str, case: Case, settings: Settings) -> Contestant:
 
         model = parallelize(model, settings.parallel, bucket_mb=settings.ddp_bucket_mb)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    storages = frozenset(
-        getattr(t, "_local_tensor", t).untyped_storage().data_ptr()  # an FSDP shard: its local tensor
-        for t in (*model.parameters(), *model.buffers())
-    )
+    storages = param_storages(model)
     return Contestant(
         name=name,
         model=compile_for(name, model, settings),
         optimizer=torch.optim.AdamW(trainable, lr=settings.lr),
         param_storages=storages,
         result=Measurement(name, case.seq, case.rank, case.dropout),
+    )
+
+
+def param_storages(model: nn.Module) -> frozenset[int]:
+    """data_ptrs of the storages a model's parameters and buffers hold now (an FSDP shard: its local tensor)."""
+    return frozenset(
+        getattr(t, "_local_tensor", t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
     )
 
 
@@ -401,8 +405,9 @@ class SavedBytes:
     are counted alike. Parameter storages are tallied apart: they are alive anyway.
     """
 
-    def __init__(self, param_storages: frozenset[int]):
+    def __init__(self, param_storages: frozenset[int], model: Optional[nn.Module] = None):
         self.param_storages = param_storages
+        self.model = model  # read again when forward ends: FSDP's root keeps its unsharded parameters
         self.saved: dict[int, torch.UntypedStorage] = {}
         self.storages: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
@@ -419,6 +424,8 @@ class SavedBytes:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        if self.model is not None:
+            self.param_storages = self.param_storages | param_storages(self.model)
         self.storages = {ptr: storage.nbytes() for ptr, storage in self.saved.items()}
         self.saved.clear()
 
@@ -439,7 +446,7 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 def probe_step(c: Contestant, batch, settings: Settings, seed: int) -> None:
     """An untimed step under saved_tensors_hooks (the hooks cost time, so never on a timed step)."""
-    counter = SavedBytes(c.param_storages)
+    counter = SavedBytes(c.param_storages, c.model)
     is_cuda = torch.device(settings.device).type == "cuda"
     if is_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -489,11 +496,16 @@ def measure_case(case: Case, settings: Settings, progress: Progress = Progress()
 
 def first_step(c: Contestant, batch, settings: Settings) -> None:
     """The step that compiles: its time and its loss (weights still untouched, so comparable across contestants)."""
-    reports_before = _fxlora_report_count() if c.name.startswith("fxlora") else None
+    is_fxlora = c.name.startswith("fxlora")
+    if is_fxlora:  # its reports alone (fxlora keeps only the latest 64)
+        import fxlora
+
+        fxlora.clear_reports()
     c.result.first_step_ms, c.result.first_loss = timed_step(c, batch, settings, settings.seed)
-    if reports_before is not None:
-        c.result.fxlora_sites = _fxlora_sites_since(reports_before)
-        c.result.fxlora_ddp_pieces = _fxlora_pieces_since(reports_before)
+    if is_fxlora:
+        graphs = fxlora.last_report().graphs
+        c.result.fxlora_sites = sum(len(g.sites) for g in graphs)
+        c.result.fxlora_ddp_pieces = sum(len(g.pieces) for g in graphs) or None
 
 
 def _round(contestants: Sequence[Contestant], progress: Progress, label: str, step: Callable[[Contestant], Any]) -> None:
@@ -518,38 +530,6 @@ def _summarise(m: Measurement) -> None:
 def _skip_progress(progress: Progress, n: int) -> None:
     for _ in range(n):
         progress.done()
-
-
-def _fxlora_report_count() -> Optional[int]:
-    """fxlora keeps its recent graph reports; counting them brackets what one compile produced."""
-    try:
-        import fxlora
-
-        return len(fxlora.last_report().graphs)
-    except Exception:
-        return None
-
-
-def _fxlora_sites_since(before: Optional[int]) -> Optional[int]:
-    try:
-        import fxlora
-
-        graphs = fxlora.last_report().graphs
-        return sum(len(g.sites) for g in graphs[before:]) if before is not None else None
-    except Exception:
-        return None
-
-
-def _fxlora_pieces_since(before: Optional[int]) -> Optional[int]:
-    """None unless DDP split fxlora's graphs (then: how many pieces)."""
-    if before is None:
-        return None
-    try:
-        import fxlora
-
-        return sum(len(g.pieces) for g in fxlora.last_report().graphs[before:]) or None
-    except Exception:
-        return None
 
 
 # ----------------------------------------------------------------------------- derived figures

@@ -88,19 +88,21 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
 
     hook=False puts Dynamo's stock DDPOptimizer back, as on a torch fxlora cannot hook."""
     import fxlora
+    from fxlora.bench.distributed import allow_small_buckets
     from torch._dynamo.backends import distributed as dynamo_ddp
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if not hook:
-        dynamo_ddp.DDPOptimizer = dynamo_ddp.DDPOptimizer.__mro__[1]
+        dynamo_ddp.DDPOptimizer = dynamo_ddp.DDPOptimizer.stock_class
 
-    # DDPOptimizer's first bucket (1 MiB) may not exceed the others: shrink it with tiny buckets.
-    dist._DEFAULT_FIRST_BUCKET_BYTES = min(dist._DEFAULT_FIRST_BUCKET_BYTES, int(bucket_mb * 2**20))
+    allow_small_buckets(bucket_mb)
     options = {"inner": "aot_eager", **(options or {})}
     model = lora_llama()
     if order == "python-reducer":  # no graph split: compiled autograd traces DDP's all-reduces instead
         torch._dynamo.config.optimize_ddp = "python_reducer"
         torch._dynamo.config.compiled_autograd = True
+    if order == "no-optimization":  # no graph split, DDP's C++ reducer after backward
+        torch._dynamo.config.optimize_ddp = False
     if order == "compile-then-ddp":  # DDP around the compiled module
         step_model = DDP(torch.compile(model, backend="fxlora", options=options), bucket_cap_mb=bucket_mb)
     else:
@@ -117,12 +119,9 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
 def fsdp_worker(rank: int, world: int, options: dict | None = None, probe_saved: bool = False) -> dict[str, Any]:
     """One FSDP2 step: fully_shard per decoder layer and at the root, base weights frozen and sharded."""
     import fxlora
-    from torch.distributed.fsdp import fully_shard
+    from fxlora.bench.distributed import parallelize
 
-    model = lora_llama()
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    model = parallelize(lora_llama(), "fsdp")  # as the benchmark shards it
     compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager", **(options or {})})
     batch = rank_batch(rank, world)
     out: dict[str, Any] = {}

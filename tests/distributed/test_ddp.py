@@ -55,13 +55,15 @@ def test_stock_splitter_hides_cut_sites_and_says_so(tmp_path):
         assert got["notes"] and all("bucket's piece" in n for n in got["notes"])
 
 
-def test_python_reducer_with_compiled_autograd(tmp_path):
-    """optimize_ddp="python_reducer": Dynamo does not split, compiled autograd traces fxlora's backward ops."""
-    ranks = run_ranks(ddp_worker, tmp_path, order="python-reducer", bucket_mb=0.002)
+@pytest.mark.parametrize("order", ["python-reducer", "no-optimization"])
+def test_unsplit_ddp_modes(tmp_path, order):
+    """optimize_ddp="python_reducer" (compiled autograd traces fxlora's backward ops and DDP's
+    all-reduces) and optimize_ddp=False: Dynamo never splits, fxlora sees whole graphs and says nothing of pieces."""
+    ranks = run_ranks(ddp_worker, tmp_path, order=order, bucket_mb=0.002)
     ref = single_process_step()
     for got in ranks:
         assert_same_step(ref, (got["loss"], got["grads"]), rtol=1e-4, atol=1e-6)
-        assert (got["sites"], got["rewritten"], got["pieces"]) == (SITES, SITES, [])
+        assert (got["sites"], got["rewritten"], got["pieces"], got["notes"]) == (SITES, SITES, [], [])
 
 
 @pytest.mark.inductor

@@ -1,6 +1,5 @@
 """HF Trainer, 2 CPU ranks (DDP over gloo), torch_compile_backend="fxlora" == one eager process on the full batch."""
 
-import os
 
 import pytest
 import torch
@@ -9,15 +8,6 @@ from tests.distributed.ranks import lora_llama, run_ranks
 from tests.distributed.trainer_ranks import adapters, train, trainer_worker
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-
-
-@pytest.fixture
-def clean_environ():
-    """TrainingArguments writes ACCELERATE_* variables into os.environ; keep them out of other tests (and the ranks)."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 SITES = 14  # 7 linears x 2 layers
@@ -30,7 +20,7 @@ def _assert_adapters_close(got, ref, who):
 
 
 def test_trainer_ddp_fxlora_equals_one_eager_process(tmp_path, clean_environ):
-    """accelerate wraps DDP then torch.compile; Dynamo's DDPOptimizer hands fxlora one bucket (25 MB default)."""
+    """accelerate wraps DDP then torch.compile; its adapters (under 1 MiB) fit DDPOptimizer's first bucket: one piece."""
     ranks = run_ranks(trainer_worker, tmp_path, output_dir=str(tmp_path / "ddp"))
     ref = train(str(tmp_path / "ref"))  # eager, no compile, per_device_train_batch_size = 2 x the ranks'
 

@@ -1,6 +1,5 @@
 """Hugging Face Trainer and gradient checkpointing under backend="fxlora": same training as eager PEFT."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,15 +10,6 @@ import torch
 import fxlora
 from fxlora.bench.models import tiny_model, token_batch, with_lora
 from tests.helpers import assert_same_step, loss_and_grads
-
-
-@pytest.fixture
-def clean_environ():
-    """TrainingArguments writes ACCELERATE_* variables into os.environ; keep them out of other tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 class _Tokens(torch.utils.data.Dataset):
