@@ -125,7 +125,7 @@ def compile_graph(
         try:
             compiled = compile_whole(gm)
         except Exception as err:  # as for the passes: a rewrite must never be why training stops
-            if gm is original:
+            if gm is original or isinstance(err, _DYNAMO_CONTROL_FLOW):
                 raise
             log.warning("fxlora: graph %s: compiling the rewritten graph failed (%s: %s); compiling it untouched",
                         compile_id, type(err).__name__, err)
@@ -141,6 +141,10 @@ def compile_graph(
         n = sum(d.rewritten for d in decisions) + sum(d.rewritten for _, ds in scaling for d in ds)
         compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
     return compiled
+
+
+# Exceptions Dynamo raises through a backend to restart or skip the frame: signals, not failures.
+_DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
 
 
 def _inner_compile(
