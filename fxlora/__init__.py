@@ -7,9 +7,10 @@
 from fxlora.backend import fxlora_backend
 from fxlora.config import Config
 from fxlora.distributed import install_ddp_split_after_rewrite
-from fxlora.explain import Report, clear_reports, explain, last_report
+from fxlora.explain import explain
 from fxlora.integrations import install_accelerate_hook
 from fxlora.logs import configure_from_env, set_logs
+from fxlora.report import Report, clear_reports, last_report
 from fxlora.verify import VerificationError
 from fxlora import velora
 from fxlora.velora import freeze_lora_A

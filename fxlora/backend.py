@@ -15,12 +15,10 @@ import torch.fx as fx
 
 from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
-from fxlora.explain import GraphReport, record
+from fxlora.logs import log_report
+from fxlora.pipeline import run_kinds
+from fxlora.report import GraphReport, record
 from fxlora.verify import verify_first_call
-from fxlora.passes import (
-    find_ia3_sites, find_lora_sites, find_reft_sites, find_vera_sites, rewrite_lora_sites, rewrite_reft_sites,
-    rewrite_scaling_sites,
-)
 
 log = logging.getLogger("fxlora")
 
@@ -48,7 +46,7 @@ def compile_graph(
     config: Config,
     *,
     mode: Optional[str] = None,
-    on_report: Callable[[GraphReport], None] = record,
+    on_report: Optional[Callable[[GraphReport], None]] = None,
     run_with: Optional[str] = None,
     split: Optional[Callable] = None,
 ) -> Callable:
@@ -59,8 +57,7 @@ def compile_graph(
     compiles the rewritten graph in pieces (DDP's buckets) instead of whole."""
     compile_id = _compile_id()
     original, before = gm, gm.code
-    match, decisions, fallback = None, [], None
-    scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, VeRA, then ReFT
+    kinds, fallback = [], None
     unsupported = unsupported_parallelism(gm)
     try:
         if unsupported:
@@ -74,40 +71,25 @@ def compile_graph(
         # treats rewritten graphs as not Dynamo's and marks no static inputs (cudagraphs).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
-        match = find_lora_sites(candidate)
-        decisions = rewrite_lora_sites(candidate, match, config)
-        for find, rewrite in (  # IA3, VeRA, ReFT (docs/reft.md): same match -> price -> rewrite
-            (find_ia3_sites, rewrite_scaling_sites),
-            (find_vera_sites, rewrite_scaling_sites),
-            (find_reft_sites, rewrite_reft_sites),
-        ):
-            found = find(candidate)
-            scaling.append((found, rewrite(candidate, found, config)))
+        kinds = run_kinds(candidate, config)
         gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = unsupported or f"passes failed ({type(err).__name__}: {err})"
-        decisions, scaling = [], []
+        kinds = []
     piece_note = ddp_piece_note() if split is None else None
     if piece_note:
         log.warning("fxlora: graph %s %s", compile_id, piece_note)
     report = GraphReport(
         compile_id=compile_id,
         num_nodes=len(gm.graph.nodes),
-        match=match,
         graph_before=before,
         graph_after=gm.code,
+        kinds=kinds,
         fallback=fallback,
-        decisions=decisions,
-        scaling=scaling,
         notes=[piece_note] if piece_note else [],
     )
-    if match is not None:
-        log.info(
-            "fxlora: graph %s: %d LoRA sites, %d rewritten, %d rejected",
-            compile_id, len(match.sites), sum(d.rewritten for d in decisions), len(match.rejections),
-        )
-    rewritten = any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds)
+    rewritten = report.rewritten > 0
     if run_with is not None:
         config = config.replace(inner=run_with, verify=False)
     remat = config.rematerialize and rewritten
@@ -134,12 +116,15 @@ def compile_graph(
             gm, rewritten, remat = original, False, False
             compiled = compile_whole(original)
     finally:  # after compiling, so DDP's pieces are in the log and the dump
-        on_report(report)
+        if on_report is None:
+            record(report)
+            log_report(report)
+        else:
+            on_report(report)
         if config.dump_graphs:
             _dump(report, config.dump_graphs)
     if config.verify and rewritten:
-        n = sum(d.rewritten for d in decisions) + sum(d.rewritten for _, ds in scaling for d in ds)
-        compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
+        compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({report.rewritten} rewritten sites)")
     return compiled
 
 
@@ -191,6 +176,6 @@ def _compile_id() -> str:
 def _dump(report: GraphReport, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     stem = os.path.join(directory, "graph_" + report.compile_id.replace("/", "_").replace(" ", ""))
-    for suffix, text in (("before", report.graph_before), ("after", report.graph_after), ("report", str(report))):
+    for suffix, text in (("before", report.graph_before), ("after", report.graph_after), ("report", report.format(verbose=True))):
         with open(f"{stem}.{suffix}.txt", "w") as f:
             f.write(text)

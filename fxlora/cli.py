@@ -13,7 +13,7 @@ from typing import Optional
 
 import click
 
-from fxlora.bench.models import FAMILIES
+from fxlora.testing.models import FAMILIES
 
 
 def _json_object(ctx, param, value: Optional[str]):
@@ -66,12 +66,12 @@ def explain(family, hidden, layers, heads, intermediate, vocab, hf_config, peft_
             targets, seq, batch, options) -> None:
     """Print the site report for a model + LoRA config: one traced forward, nothing compiled."""
     import fxlora
-    from fxlora.bench import models
+    from fxlora.testing import models
 
     targets = targets if targets in ("all-linear", "attention") else [t.strip() for t in targets.split(",") if t.strip()]
     lora = dict(r=rank, alpha=alpha, dropout=dropout, targets=targets)
     if family == "dit" and hf_config is None:
-        from fxlora.bench.diffusion import dit_batch, tiny_dit, with_dit_lora
+        from fxlora.testing.diffusion import dit_batch, tiny_dit, with_dit_lora
 
         model = with_dit_lora(tiny_dit(hidden=hidden, layers=layers, heads=heads), **lora, peft_config=_read_json(peft_config))
         inputs = dit_batch(batch, seq)
@@ -105,7 +105,7 @@ def _with_peft_config(model, peft: dict):
 
     from peft import LoraConfig, get_peft_model
 
-    from fxlora.bench.models import randomize_lora_B
+    from fxlora.testing.models import randomize_lora_B
 
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     kwargs = {k: v for k, v in peft.items() if k in known and k not in ("peft_type", "task_type", "base_model_name_or_path")}

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from fxlora.graph_utils import module_path
+from fxlora.graph.read import module_path
 
 # A backend callable that wants the whole graph under DDP carries this attribute and takes a
 # `split` keyword: a function (rewritten gm, example_inputs, compile_piece) -> compiled callable.

@@ -15,6 +15,8 @@ import logging
 import os
 from typing import Optional, Union
 
+from fxlora.report import GraphReport, checkpoint_note, summary
+
 LOG_ENV = "FXLORA_LOG"
 log = logging.getLogger("fxlora")
 _handler: Optional[logging.Handler] = None
@@ -58,19 +60,19 @@ def _level(level: Union[str, int]) -> int:
     return named
 
 
-def log_report(report) -> None:
-    """The per-site decisions of one graph report: reasons at INFO, the full report at DEBUG."""
+def log_report(report: GraphReport) -> None:
+    """One graph's report: its summary line, every site left alone and every rejection (each
+    with the reason) at INFO, the full report at DEBUG."""
     if not log.isEnabledFor(logging.INFO):
         return
-    for d in report.decisions:
-        if not d.rewritten:
-            log.info("fxlora: graph %s site %d not rewritten: %s", report.compile_id, d.site, d.reason)
-    if report.match is not None:
-        for r in report.match.rejections:
-            log.info("fxlora: graph %s rejected %s%s: %s", report.compile_id, r.node,
-                     f" in {r.module}" if r.module else "", r.reason)
+    graph = report.compile_id
+    log.info("fxlora: graph %s: %s", graph, summary(report) if report.kinds else f"left untouched: {report.fallback}")
+    for r in report.kinds:
+        for d in r.decisions:
+            if not d.rewritten:
+                log.info("fxlora: graph %s %s site %d not rewritten: %s", graph, r.kind.title, d.site, d.reason)
+        for x in r.match.rejections:
+            log.info("fxlora: graph %s rejected %s%s: %s", graph, x.node, f" in {x.module}" if x.module else "", x.reason)
     if report.checkpointed_regions:
-        from fxlora.explain import checkpoint_note
-
-        log.info("fxlora: graph %s: %s", report.compile_id, checkpoint_note(report.checkpointed_regions))
-    log.debug("fxlora: report of graph %s\n%s", report.compile_id, report)
+        log.info("fxlora: graph %s: %s", graph, checkpoint_note(report.checkpointed_regions))
+    log.debug("fxlora: report of graph %s\n%s", graph, report.format(verbose=True))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxlora
-from fxlora.bench.models import tiny_model, token_batch, with_lora
+from fxlora.testing.models import tiny_model, token_batch, with_lora
 from tests.helpers import assert_same_step, loss_and_grads
 
 
@@ -65,10 +65,10 @@ def test_last_report_and_graph_dumps(tmp_path):
 def test_matching_failure_falls_back_to_untouched_graph(monkeypatch):
     import fxlora.backend as backend
 
-    def broken(gm):
+    def broken(gm, config):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(backend, "find_lora_sites", broken)
+    monkeypatch.setattr(backend, "run_kinds", broken)
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
     batch = token_batch(1, 8)
     ref = loss_and_grads(model, batch)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxlora
-from fxlora.bench.models import tiny_model, token_batch, with_lora
+from fxlora.testing.models import tiny_model, token_batch, with_lora
 from fxlora.ops import lora as lora_ops
 from tests.helpers import assert_same_step, loss_and_grads
 

@@ -42,7 +42,7 @@ def permutation_batches(steps: int, batch: int, seq: int, vocab: int, seed: int)
 
 
 def build(form: str, *, hidden: int, layers: int, vocab: int, rank: int, seed: int, first_batch, inner: str):
-    from fxlora.bench.models import tiny_model
+    from fxlora.testing.models import tiny_model
     import fxlora
     from peft import LoraConfig, get_peft_model
 

@@ -2,7 +2,7 @@
 
     python -m fxlora.bench.crossover            # docs/img/reft_crossover.png
 
-Drawn from fxlora/cost_reft.py (sympy), not measured: the measured rows are
+Drawn from fxlora/kinds/reft/forms.py (sympy), not measured: the measured rows are
 `python -m fxlora.bench --adapter reft`. One panel per site shape of the benchmark's
 Llama (o_proj 512 -> 512, down_proj 1376 -> 512), LoReFT rank 4, fp32, x rebuilt or not.
 """
@@ -14,19 +14,20 @@ import os
 
 import sympy
 
-from fxlora.cost import T
-from fxlora.cost_reft import ReftShape, candidate_forms, crossover, sizes
+from fxlora.cost.core import T, crossover, sizes
+from fxlora.kinds.base import LayerShape
+from fxlora.kinds.reft.forms import candidate_forms
 
 SITES = {"o_proj (512 -> 512)": (512, 512), "down_proj (1376 -> 512)": (1376, 512)}
 TOKENS = [2**k for k in range(6, 17)]
 
 
-def shape_for(in_features: int, out_features: int, rank: int, x_rebuilt: bool) -> ReftShape:
-    return ReftShape("loreft", T, sympy.Integer(in_features), sympy.Integer(out_features), sympy.Integer(rank),
+def shape_for(in_features: int, out_features: int, rank: int, x_rebuilt: bool) -> LayerShape:
+    return LayerShape("loreft", T, sympy.Integer(in_features), sympy.Integer(out_features), sympy.Integer(rank),
                      x_bytes=4, compute_bytes=4, x_rebuilt=x_rebuilt)
 
 
-def curves(shape: ReftShape, figure: str) -> dict[str, list[float]]:
+def curves(shape: LayerShape, figure: str) -> dict[str, list[float]]:
     subs = {k: v for k, v in sizes(shape).items() if k is not T}
     out = {}
     for form in candidate_forms(shape):
@@ -52,7 +53,7 @@ def plot(path: str, rank: int = 4) -> None:
                         continue  # FLOPs do not depend on what is saved
                     tag = "" if figure == "flops" else (" (x rebuilt)" if x_rebuilt else " (x saved)")
                     ax.plot(TOKENS, [y / scale for y in ys], style, label=f"{name}{tag}", color="C0" if name == "act" else "C3")
-                cross = crossover(shape, figure)
+                cross = crossover(candidate_forms(shape), shape, "act", "weight", figure)
                 if cross is not None and (figure == "saved_bytes" or not x_rebuilt):
                     ax.axvline(float(cross), color="grey", linestyle=style, alpha=0.6)
                     ax.annotate(f"T={float(cross):.0f}", (float(cross), ax.get_ylim()[1] * 0.9), fontsize=8, rotation=90)
@@ -64,7 +65,7 @@ def plot(path: str, rank: int = 4) -> None:
             if row == 1:
                 ax.set_xlabel("tokens T (batch x seq)")
             ax.legend(fontsize=7)
-    fig.suptitle("ReFT act vs weight form (fxlora/cost_reft.py, fp32): grey lines = crossovers", fontsize=10)
+    fig.suptitle("ReFT act vs weight form (fxlora/kinds/reft/forms.py, fp32): grey lines = crossovers", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -80,8 +81,8 @@ def main(argv=None) -> None:
     for label, (i, o) in SITES.items():
         for x_rebuilt in (False, True):
             shape = shape_for(i, o, args.rank, x_rebuilt)
-            print(f"{label}, x {'rebuilt' if x_rebuilt else 'saved'}: saved-bytes crossover T = {crossover(shape, 'saved_bytes')}, "
-                  f"FLOPs crossover T = {crossover(shape, 'flops')}")
+            print(f"{label}, x {'rebuilt' if x_rebuilt else 'saved'}: saved-bytes crossover T = {crossover(candidate_forms(shape), shape, 'act', 'weight', 'saved_bytes')}, "
+                  f"FLOPs crossover T = {crossover(candidate_forms(shape), shape, 'act', 'weight', 'flops')}")
     print(f"wrote {args.out}")
 
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from fxlora.bench.models import tiny_model, token_batch, with_ia3, with_lora, with_vera
+from fxlora.testing.models import tiny_model, token_batch, with_ia3, with_lora, with_vera
 
 FLOOR = "floor"
 NOISE = "noise"  # the DiT batch's target, not a model input
@@ -143,7 +143,7 @@ class Measurement:
     saved_param_bytes: int = 0  # parameter storages saved for backward, for the record
     first_loss: float = float("nan")  # before any optimizer step: equal weights give equal losses
     peak_bytes: Optional[int] = None  # CUDA only: max allocated during the saved-bytes step
-    fxlora_sites: Optional[int] = None  # LoRA sites fxlora reported, fxlora contestant only
+    fxlora_sites: Optional[int] = None  # sites fxlora rewrote (every kind), fxlora contestant only
     fxlora_ddp_pieces: Optional[int] = None  # bucket sub-graphs DDP cut fxlora's graphs into (--parallel ddp)
     error: Optional[str] = None
     time_ratio: Optional[float] = None  # step_ms / best peer's step_ms
@@ -273,8 +273,8 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
 
 
 def _build_dit(name: str, case: Case, settings: Settings) -> nn.Module:
-    """A diffusers DiT seeing `case.seq` patch tokens (seed 000 measured DiT); LoRA on its linears."""
-    from fxlora.bench.diffusion import dit_sample_size, tiny_dit, with_dit_lora
+    """A diffusers DiT seeing `case.seq` patch tokens ("Activations are not cheap in LoRA, weights are" measured DiT); LoRA on its linears."""
+    from fxlora.testing.diffusion import dit_sample_size, tiny_dit, with_dit_lora
 
     if settings.adapter != "lora" or name != FLOOR and name not in PEERS and name != "fxlora":
         raise ValueError("the DiT rows measure exact LoRA only (floor, peft-eager, peft-inductor, fxlora)")
@@ -292,7 +292,7 @@ def make_batch(case: Case, settings: Settings) -> dict[str, torch.Tensor]:
     """Token ids and labels for a language model; latents, timesteps, labels and the noise target for a DiT."""
     s = settings.shape
     if s.family == "dit":
-        from fxlora.bench.diffusion import IN_CHANNELS, dit_batch
+        from fxlora.testing.diffusion import IN_CHANNELS, dit_batch
 
         batch = dit_batch(s.batch, case.seq, settings.seed)
         gen = torch.Generator().manual_seed(settings.seed + 1)
@@ -304,7 +304,7 @@ def make_batch(case: Case, settings: Settings) -> dict[str, torch.Tensor]:
 
 def step_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if NOISE in batch:  # DiT: epsilon-prediction MSE
-        from fxlora.bench.diffusion import diffusion_loss
+        from fxlora.testing.diffusion import diffusion_loss
 
         return diffusion_loss(model, {k: v for k, v in batch.items() if k != NOISE}, batch[NOISE])
     return model(**batch).loss
@@ -504,7 +504,7 @@ def first_step(c: Contestant, batch, settings: Settings) -> None:
     c.result.first_step_ms, c.result.first_loss = timed_step(c, batch, settings, settings.seed)
     if is_fxlora:
         graphs = fxlora.last_report().graphs
-        c.result.fxlora_sites = sum(len(g.sites) for g in graphs)
+        c.result.fxlora_sites = sum(g.rewritten for g in graphs)
         c.result.fxlora_ddp_pieces = sum(len(g.pieces) for g in graphs) or None
 
 

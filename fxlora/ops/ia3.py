@@ -3,7 +3,7 @@
     output scaling (attention-style targets):   y = (x W^T + b) * l          l: (out,)
     input scaling (PEFT feedforward_modules):   y = (x * l) W^T + b          l: (in,)
 
-Forms (the weight-based ones are seed 000, Table 1, row (IA)^3):
+Forms (the weight-based ones are "Activations are not cheap in LoRA, weights are", Table 1, row (IA)^3):
     out/act        forward as PEFT; saves h = x W^T + b (T x out) for dl = sum_t dy * h
     out/recompute  forward as PEFT; saves x (T x in), rebuilds h in backward (one base GEMM)
     out/weight     y = x (diag(l) W)^T + b * l; saves x; dl = rowsum(dW' * W) + b * sum_t dy,
@@ -11,7 +11,7 @@ Forms (the weight-based ones are seed 000, Table 1, row (IA)^3):
     in/act         forward as PEFT; saves x for dl = sum_t x * (dy W)
     in/weight      y = x (W diag(l))^T + b; saves x; dl = colsum(dW' * W)
 x is often shared (k and v read one normed hidden state), so the x-saving forms cost the
-saved x once per group; the cost model (fxlora/cost_scaling.py) prices that.
+saved x once per group; the cost model (fxlora/kinds/ia3/forms.py) prices that.
 
 Backward is one opaque op, as for `fxlora::lora_linear`: traced as ATen ops its tangent-free
 parts (diag(l) W, the recomputed h) would be hoisted into forward by the partitioner and saved.
@@ -24,7 +24,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-FORMS = {"ia3_out": ("act", "recompute", "weight"), "ia3_in": ("act", "weight")}
 _NO_TENSOR = (0,)
 
 

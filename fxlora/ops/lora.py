@@ -3,7 +3,7 @@ what is saved for backward and in which order the GEMMs run.
 
     y = x W^T + b + s * (drop(x) A^T) B^T          W: (out, in), A: (r, in), B: (out, r)
 
-Forward forms (RunLoRA, seed 004, Sec. 3 / Table 1; weight-based form: seed 000 Table 1):
+Forward forms (RunLoRA, "Run LoRA Run: Faster and Lighter LoRA Implementations", arXiv:2312.03415, Sec. 3 / Table 1; weight-based form: "Activations are not cheap in LoRA, weights are", Table 1):
     1: x W^T + s (x A^T) B^T                  2: x (W + s B A)^T
 Backward forms are RunLoRA's eight bracketings of dA, dB, dX (Table 1); in PEFT's
 layout (A: r x in, B: out x r), with Z1 = dY B and Z2 = dY^T X (out x in):
@@ -11,7 +11,7 @@ layout (A: r x in, B: out x r), with Z1 = dY B and Z2 = dY^T X (out x in):
     dB: "xa"   s dY^T (X A^T)      | "xtdy" s Z2 A^T
     dX: "split" dY W + s (Z1 A)    | "merged" dY (W + s B A)
 Neither forward saves X A^T (RunLoRA): backward rebuilds it (2 T r in FLOPs), unless A
-is frozen, where X A^T (T x r) is saved *instead of* X (T x in) (LoRA-FA, seed 001: exact).
+is frozen, where X A^T (T x r) is saved *instead of* X (T x in) (LoRA-FA, arXiv:2308.03303: exact).
 
 Dropout stays exact without keeping a full-size `dropout(x)`: the op returns the CPU/CUDA
 RNG state it drew the mask from, and backward replays the same `bernoulli_` with

@@ -3,7 +3,7 @@
     y = x W^T + b + s (x A^T) B^T                         exactly as `fxlora::lora_linear` forward 1
 
 What backward needs of x is only dA = s (dY B)^T x (dB needs x A^T, dX needs no x at all).
-VeLoRA (seed 002, Sec. 3): split every token of x (T x D) into D/M sub-tokens of size M,
+VeLoRA (arXiv:2405.17991, Sec. 3): split every token of x (T x D) into D/M sub-tokens of size M,
 project each on a fixed unit vector v (M,), and save only the projections
 
     z_p = group(x) v                  (T, D/M)        instead of x (T, D)

@@ -4,7 +4,7 @@
     A: (r, in), B: (out, r): slices of frozen random matrices shared by every layer;
     lambda_d: (r,), lambda_b: (out,): trainable.
 
-Forms (weight-based: seed 000, Table 1, row VeRA):
+Forms (weight-based: "Activations are not cheap in LoRA, weights are", Table 1, row VeRA):
     act     forward as PEFT; saves u = x A^T (T x r) only -- PEFT's autograd also keeps
             B(lambda_d u) (T x out) for d lambda_b; backward rebuilds it (2 T r out FLOPs)
     weight  y = x (W + diag(lambda_b) B diag(lambda_d) A)^T + b; saves x (T x in);
@@ -21,7 +21,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-FORMS = ("act", "weight")
 _NO_TENSOR = (0,)
 
 

@@ -36,13 +36,13 @@ def _entry(rank: int, world: int, worker: Callable, tmp: str, kwargs: dict) -> N
 
 
 def lora_llama(dropout: float = 0.0):
-    from fxlora.bench.models import tiny_model, with_lora
+    from fxlora.testing.models import tiny_model, with_lora
 
     return with_lora(tiny_model("llama", hidden=32, layers=2, heads=4), r=4, dropout=dropout)
 
 
 def full_batch(world: int = WORLD) -> dict[str, torch.Tensor]:
-    from fxlora.bench.models import token_batch
+    from fxlora.testing.models import token_batch
 
     return token_batch(BATCH_PER_RANK * world, SEQ, seed=1)
 
@@ -155,7 +155,7 @@ def alive_saved_shapes(model, batch) -> list[tuple[tuple[int, ...], int]]:
 def tensor_parallel_worker(rank: int, world: int) -> dict[str, Any]:
     """A hand-written LoRA whose base linear is column-parallel (DTensor): fxlora must leave it alone."""
     import fxlora
-    from fxlora.bench.models import HandLoRALinear
+    from fxlora.testing.models import HandLoRALinear
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module

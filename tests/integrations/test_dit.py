@@ -6,7 +6,7 @@ import torch
 import fxlora
 
 pytest.importorskip("diffusers")
-from fxlora.bench.diffusion import diffusion_loss, dit_batch, tiny_dit, with_dit_lora  # noqa: E402
+from fxlora.testing.diffusion import diffusion_loss, dit_batch, tiny_dit, with_dit_lora  # noqa: E402
 
 
 def _step(model, batch, noise):

@@ -8,7 +8,7 @@ import sys
 import torch
 
 import fxlora
-from fxlora.bench.models import tiny_model, token_batch, with_lora
+from fxlora.testing.models import tiny_model, token_batch, with_lora
 
 
 def test_set_logs_shows_decisions():

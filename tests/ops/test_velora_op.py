@@ -5,7 +5,8 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from fxlora import cost
+from fxlora.cost.core import I, O, R, T
+from fxlora.kinds.lora import forms as cost
 from fxlora.bench.harness import SavedBytes
 from fxlora.ops.velora import compress, reconstruct, velora_linear, velora_linear_backward
 
@@ -76,13 +77,13 @@ def test_saved_bytes_are_what_the_cost_model_predicts():
     counter = SavedBytes(params)
     with counter:
         y, _, _ = velora_linear(x, W, bias, A, B, torch.tensor(2.0), v, torch.float32, torch.float32, False, True)
-    shape = cost.SiteShape(tokens=sympy.Integer(15), in_features=sympy.Integer(24), out_features=sympy.Integer(20),
+    shape = cost.LoraShape(tokens=sympy.Integer(15), in_features=sympy.Integer(24), out_features=sympy.Integer(20),
                            rank=sympy.Integer(4), x_bytes=4, adapter_bytes=4)
     form = cost.velora_form(shape, 4)
-    predicted = int(form.saved_bytes.subs({cost.T: 15, cost.I: 24, cost.O: 20, cost.R: 4}))
+    predicted = int(form.saved_bytes.subs({T: 15, I: 24, O: 20, R: 4}))
     scale_bytes = 4  # the 0-d scale tensor built here is not a parameter
     assert counter.activation_bytes - scale_bytes == predicted == 15 * (24 // 4) * 4 + 15 * 4 * 4
-    assert predicted < int(cost.saved_bytes(shape, False).subs({cost.T: 15, cost.I: 24}))
+    assert predicted < int(cost.saved_bytes(shape, False).subs({T: 15, I: 24}))
 
 
 def test_opcheck():

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import fxlora
 from peft.tuners.lora import LoraLayer
-from fxlora.bench.models import HandLoRALinear, tiny_model, token_batch, with_lora
+from fxlora.testing.models import HandLoRALinear, tiny_model, token_batch, with_lora
 
 LAYERS = 2
 # Linears a layer: llama/qwen2 q,k,v,o,gate,up,down; gpt2 c_attn,c_proj,c_fc,c_proj; bert q,k,v,o,inter,out

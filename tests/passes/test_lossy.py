@@ -5,7 +5,7 @@ import torch
 
 import fxlora
 from fxlora.bench.harness import SavedBytes
-from fxlora.bench.models import tiny_model, token_batch, with_lora
+from fxlora.testing.models import tiny_model, token_batch, with_lora
 from tests.helpers import assert_same_step, loss_and_grads
 
 FP32 = dict(rtol=1e-4, atol=1e-5)

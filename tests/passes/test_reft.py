@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 
 import fxlora
-from fxlora import cost_reft
+from fxlora.cost.core import crossover
+from fxlora.kinds.base import LayerShape
+from fxlora.kinds.reft.forms import candidate_forms
 from fxlora.reft import attach_reft
 from tests.helpers import assert_same_step, loss_and_grads
 
@@ -27,7 +29,7 @@ class Block(nn.Module):
 
 
 def _decisions():
-    return fxlora.last_report().scaling_decisions
+    return fxlora.last_report().decisions_of("reft")
 
 
 def _run(model, x, **options):
@@ -49,7 +51,7 @@ def test_every_form_equals_eager(kind, form, bias):
     assert {n.removeprefix("o_proj.intervention.") for n in ref[1]} == expected
     assert_same_step(ref, _run(model, x, scaling_form=form), **FP32)
     (d,) = _decisions()
-    assert d.kind == ("loreft" if kind == "loreft" else "direft") and d.chosen is not None
+    assert d.chosen is not None and d.shape.kind == ("loreft" if kind == "loreft" else "direft")
     if form:
         assert d.chosen.form.name == form and d.rewritten == (form == "weight")
 
@@ -64,27 +66,27 @@ def test_auto_choice_follows_saved_bytes_crossover():
         assert_same_step(loss_and_grads(model, x), _run(model, x), **FP32)
         (d,) = _decisions()
         assert d.chosen.form.name == form, (tokens, d.candidates)
-    shape = cost_reft.ReftShape("loreft", sympy.Integer(1), sympy.Integer(8), sympy.Integer(64), sympy.Integer(2), 4, 4)
-    t = cost_reft.crossover(shape)
+    shape = LayerShape("loreft", sympy.Integer(1), sympy.Integer(8), sympy.Integer(64), sympy.Integer(2), 4, 4)
+    t = crossover(candidate_forms(shape), shape, "act", "weight", "saved_bytes")
     assert t is not None and 2 < t < 256
 
 
 def test_llama_o_proj_and_down_proj():
-    from fxlora.bench.models import tiny_model, token_batch
+    from fxlora.testing.models import tiny_model, token_batch
 
     model = attach_reft(tiny_model("llama", layers=1), ["o_proj", "down_proj"], kind="loreft", r=4)
     batch = token_batch(2, 8)
     ref = loss_and_grads(model, batch)
     assert_same_step(ref, _run(model, batch, scaling_form="weight"), **FP32)
-    sites = fxlora.last_report().scaling_sites
+    sites = fxlora.last_report().sites_of("reft")
     assert sorted(s.module.rsplit(".", 1)[-1] for s in sites) == ["down_proj", "o_proj"]
     assert all(d.rewritten for d in _decisions())
 
 
 def test_explain_shows_sites_and_candidates():
     model = attach_reft(Block(), ["o_proj"], kind="loreft", r=3)
-    text = str(fxlora.explain(model, torch.randn(2, 5, 12), options={"inner": "aot_eager"}))
-    assert "LoReFT sites: 1" in text and "candidates for LoReFT sites 0" in text
+    text = fxlora.explain(model, torch.randn(2, 5, 12), options={"inner": "aot_eager"}).format(verbose=True)
+    assert "1 ReFT site" in text and "candidates for LoReFT sites 0" in text
     assert "act" in text and "weight" in text
 
 
@@ -97,8 +99,8 @@ def test_trainable_base_weight_is_rejected():
     x = torch.randn(2, 5, 12)
     assert_same_step(loss_and_grads(model, x), _run(model, x, scaling_form="weight"), **FP32)
     report = fxlora.last_report()
-    assert not report.scaling_sites
-    rejections = [r for g in report.graphs for m, _ in g.scaling for r in m.rejections]
+    assert not report.sites_of("reft")
+    rejections = report.rejections_of("reft")
     assert any("W requires grad" in r.reason for r in rejections)
 
 
@@ -118,8 +120,8 @@ def test_h_read_elsewhere_is_rejected():
     x = torch.randn(2, 5, 12)
     assert_same_step(loss_and_grads(model, x), _run(model, x, scaling_form="weight"), **FP32)
     report = fxlora.last_report()
-    assert not report.scaling_sites
-    rejections = [r for g in report.graphs for m, _ in g.scaling for r in m.rejections]
+    assert not report.sites_of("reft")
+    rejections = report.rejections_of("reft")
     assert any("also read by" in r.reason for r in rejections)
 
 
@@ -128,8 +130,8 @@ def test_position_restricted_is_matched_not_rewritten():
     x = torch.randn(2, 5, 12)
     assert_same_step(loss_and_grads(model, x), _run(model, x, scaling_form="weight"), **FP32)
     report = fxlora.last_report()
-    (site,) = report.scaling_sites
-    (d,) = report.scaling_decisions
+    (site,) = report.sites_of("reft")
+    (d,) = report.decisions_of("reft")
     assert site.kind == "loreft" and not d.rewritten and "position-restricted" in d.reason
     assert "position-restricted" in str(report)
 
@@ -145,16 +147,17 @@ def test_bf16_weight_form_is_illegal():
 
 
 def test_rewrite_gives_new_nodes_fake_values():
-    """passes/README.md: later passes and explain read shapes from every node."""
+    """kinds/README.md: later passes and explain read shapes from every node."""
+    from fxlora import kinds
     from fxlora.config import Config
-    from fxlora.graph_utils import value
-    from fxlora.passes import find_reft_sites, rewrite_reft_sites
+    from fxlora.graph.read import value
+    from fxlora.pipeline import run_kinds
 
     seen = []
 
     def backend(gm, example_inputs):
-        decisions = rewrite_reft_sites(gm, find_reft_sites(gm), Config(inner="aot_eager", scaling_form="weight"))
-        seen.extend(d.rewritten for d in decisions)
+        (result,) = run_kinds(gm, Config(inner="aot_eager", scaling_form="weight"), [kinds.KINDS[-1]])
+        seen.extend(d.rewritten for d in result.decisions)
         missing = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method") and value(n) is None]
         assert not missing, missing
         return gm.forward

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora.backend import compile_graph
-from fxlora.bench.models import HandLoRALinear, tiny_model, token_batch, with_lora
+from fxlora.testing.models import HandLoRALinear, tiny_model, token_batch, with_lora
 from fxlora.config import Config
 from tests.helpers import assert_same_step, loss_and_grads
 
@@ -178,4 +178,4 @@ def test_rejected_sites_are_not_rewritten():
     fxlora.clear_reports()
     torch.testing.assert_close(_compiled(model)(x), model(x))
     (graph,) = fxlora.last_report().graphs
-    assert not graph.decisions and graph.match.rejections
+    assert not graph.decisions and graph.rejections

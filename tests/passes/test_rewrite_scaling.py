@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxlora
-from fxlora.bench.models import tiny_model, token_batch, with_ia3, with_vera
+from fxlora.testing.models import tiny_model, token_batch, with_ia3, with_vera
 from tests.helpers import assert_same_step, loss_and_grads
 
 FP32 = dict(rtol=1e-4, atol=1e-5)
@@ -22,7 +22,7 @@ def _step(model, batch, **options):
 
 
 def _decisions():
-    return fxlora.last_report().scaling_decisions
+    return [d for kind in ("ia3", "vera") for d in fxlora.last_report().decisions_of(kind)]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -34,9 +34,9 @@ def test_ia3_every_form_equals_eager_peft(family, form):
     fxlora.clear_reports()
     assert_same_step(ref, _step(model, batch, scaling_form=form), **FP32)
     decisions = _decisions()
-    assert {d.kind for d in decisions} == {"ia3_out", "ia3_in"} and all(d.rewritten for d in decisions)
+    assert {d.shape.kind for d in decisions} == {"ia3_out", "ia3_in"} and all(d.rewritten for d in decisions)
     if form:  # recompute exists for output scaling only
-        assert all(d.chosen.form.name == form for d in decisions if d.kind == "ia3_out")
+        assert all(d.chosen.form.name == form for d in decisions if d.shape.kind == "ia3_out")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -48,7 +48,7 @@ def test_vera_every_form_equals_eager_peft(family, form):
     fxlora.clear_reports()
     assert_same_step(ref, _step(model, batch, scaling_form=form), **FP32)
     decisions = _decisions()
-    assert decisions and all(d.kind == "vera" and d.rewritten for d in decisions)
+    assert decisions and all(d.kind == "vera" and d.shape.kind == "vera" and d.rewritten for d in decisions)
     if form:
         assert {d.chosen.form.name for d in decisions} == {form}
 
@@ -66,7 +66,7 @@ def test_llama_with_bias_all_linears():
         ref = _step(model, batch, compile=False)
         fxlora.clear_reports()
         assert_same_step(ref, _step(model, batch, scaling_form=form), **FP32)
-        assert all(s.has_bias for s in fxlora.last_report().scaling_sites)
+        assert all(s.has_bias for s in fxlora.last_report().sites)
 
 
 @pytest.mark.parametrize("adapter", ["ia3", "vera"])
@@ -87,8 +87,8 @@ def test_bf16_autocast(adapter):
 
 def test_explain_shows_candidates_and_choice():
     model = with_ia3(tiny_model("llama", layers=1), "llama")
-    text = str(fxlora.explain(model, **token_batch(1, 8), options={"inner": "aot_eager"}))
-    assert "IA3 sites: 3" in text and "candidates for IA3 (output scaling)" in text
+    text = fxlora.explain(model, **token_batch(1, 8), options={"inner": "aot_eager"}).format(verbose=True)
+    assert "3 IA3 sites" in text and "candidates for IA3 (output scaling)" in text
     assert "recompute" in text and "weight" in text and "fewest saved bytes" in text
 
 
@@ -124,8 +124,8 @@ def test_ia3_must_not_fire(case, reason):
     compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager"})
     torch.testing.assert_close(compiled(x), model(x))
     report = fxlora.last_report()
-    assert not report.scaling_sites
-    rejections = [r for g in report.graphs for m, _ in g.scaling for r in m.rejections]
+    assert not report.sites
+    rejections = report.rejections
     assert rejections and reason in rejections[0].reason
 
 
@@ -134,7 +134,7 @@ def test_frozen_vector_is_not_a_site():
     model.l.requires_grad_(False)
     fxlora.clear_reports()
     torch.compile(model, backend="fxlora", options={"inner": "aot_eager"})(torch.randn(2, 16))
-    assert not fxlora.last_report().scaling_sites
+    assert not fxlora.last_report().sites
 
 
 def test_vera_with_trainable_A_or_dropout_is_rejected():
@@ -142,5 +142,5 @@ def test_vera_with_trainable_A_or_dropout_is_rejected():
     fxlora.clear_reports()
     _step(model, token_batch(1, 8))
     report = fxlora.last_report()
-    assert not report.scaling_sites
+    assert not report.sites
     assert "dropout" in str(report)

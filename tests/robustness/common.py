@@ -37,4 +37,4 @@ def rewritten(report=None):
 
 def rejections(report=None):
     report = report or fxlora.last_report()
-    return [r for g in report.graphs for r in g.match.rejections if g.match is not None]
+    return report.rejections_of("lora")

@@ -1,6 +1,6 @@
 """Tiny random-init models of the families the robustness matrix covers, with a batch each.
 
-fxlora.bench.models has llama / qwen2 / gpt2 / bert; the rest (Mistral, RoBERTa, T5, ViT)
+fxlora.testing.models has llama / qwen2 / gpt2 / bert; the rest (Mistral, RoBERTa, T5, ViT)
 live here so the benchmark's list stays short. Built from configs, never downloaded.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fxlora.bench.models import randomize_lora_B, tiny_model, token_batch
+from fxlora.testing.models import randomize_lora_B, tiny_model, token_batch
 
 ALL_LINEAR_TARGETS = {
     "llama": "all-linear",

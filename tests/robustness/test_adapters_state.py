@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 
 import fxlora
-from fxlora.bench.models import randomize_lora_B, tiny_model, token_batch, with_lora
+from fxlora.testing.models import randomize_lora_B, tiny_model, token_batch, with_lora
 from tests.helpers import assert_same_step
 from tests.robustness.common import FP32, compiled, step
 

@@ -29,7 +29,7 @@ FAST = {("llama", "bf16-weights-fp32-adapters"), ("gpt2", "bf16-autocast"), ("ll
 def _model(family, weight_dtype, adapter_autocast, dropout=0.0):
     from peft import LoraConfig, get_peft_model
 
-    from fxlora.bench.models import randomize_lora_B
+    from fxlora.testing.models import randomize_lora_B
     from tests.robustness.families import ALL_LINEAR_TARGETS, family_model
 
     model = family_model(family)

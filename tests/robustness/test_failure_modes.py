@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxlora
-from fxlora.bench.models import HandLoRALinear, randomize_lora_B, tiny_model, token_batch, with_lora
+from fxlora.testing.models import HandLoRALinear, randomize_lora_B, tiny_model, token_batch, with_lora
 from tests.helpers import assert_same_step
 from tests.robustness.common import FP32, compiled, rejections, rewritten, step
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxlora
-from fxlora.bench.models import HandLoRALinear
+from fxlora.testing.models import HandLoRALinear
 from fxlora.ops import lora as lora_ops  # noqa: F401  (registers torch.ops.fxlora.*)
 from tests.robustness.common import FP32, compiled
 

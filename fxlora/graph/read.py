@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -156,26 +155,19 @@ def autocast_state(graph: fx.Graph) -> dict[fx.Node, str]:
     return state
 
 
-def size_expr(size) -> sympy.Expr:
-    """A size as a sympy expression: the SymInt's symbolic expression, or an Integer."""
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+# Producers of x that Inductor's partitioner can rebuild from tensors saved anyway (with
+# fxlora's rematerialize): norms and pointwise activations, seen through views and casts.
+REBUILDABLE = (F.layer_norm, F.rms_norm, F.silu, F.gelu, F.relu, torch.tanh, operator.mul, torch.mul)
 
 
-def size_decider(gm: fx.GraphModule) -> Callable[[sympy.Basic], bool]:
-    """Evaluate a relation between sizes; on symbolic sizes this installs a Dynamo guard,
-    so a shape that crosses a cost threshold recompiles into the other form."""
-    shape_env = None
-    for node in gm.graph.find_nodes(op="placeholder"):
-        fake_mode = getattr(value(node), "fake_mode", None)
-        if fake_mode is not None and fake_mode.shape_env is not None:
-            shape_env = fake_mode.shape_env
-            break
+def rebuildable(x: fx.Node) -> bool:
+    """Whether x is a norm or pointwise output that the partitioner may recompute in backward."""
+    node, _ = strip_casts(x)
+    while is_method(node, VIEW_METHODS):
+        node, _ = strip_casts(node.args[0])
+    return is_call(node, REBUILDABLE)
 
-    def decide(relation: sympy.Basic) -> bool:
-        if relation in (sympy.true, sympy.false):
-            return bool(relation)
-        if shape_env is None or not relation.free_symbols:
-            return bool(relation)
-        return bool(shape_env.evaluate_expr(relation))
 
-    return decide
+def needs_grad(node: Any) -> bool:
+    """Whether `node` requires grad, True when its value is unknown (assume a gradient flows)."""
+    return bool(getattr(value(node), "requires_grad", True))

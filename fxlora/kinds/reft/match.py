@@ -7,9 +7,8 @@ R is any (r, d) tensor that requires grad: a trainable weight, or the orthogonal
 parametrization's product computed inside the traced forward (householder, matrix_exp...);
 its computation is left in the graph and read as it is. W must be frozen, h and every
 intermediate read by the intervention only. An intervention on a slice of h (pyreft's
-positions: `h[:, :k]`) is matched and reported, never rewritten. Returns sites as
-`fxlora.sites.ScalingSite` (kind "loreft"/"direft") so explain and the backend treat
-them like IA3/VeRA sites.
+positions: `h[:, :k]`) is matched and reported, never rewritten. Sites are LayerSites
+(kind "loreft"/"direft"), read by explain like IA3/VeRA sites.
 """
 
 from __future__ import annotations
@@ -21,11 +20,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxlora.graph_utils import (
+from fxlora.graph.prove import NotASite, Rejection, check_base
+from fxlora.graph.read import (
     ADD_TARGETS, LINEAR_TARGETS, arg, autocast_state, is_call, linear_layer, module_path, requires_grad, value,
 )
-from fxlora.passes.find_ia3 import NotASite, check_base
-from fxlora.sites import Rejection, ScalingMatch, ScalingSite
+from fxlora.kinds.base import LayerSite, Match
 
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SUB_TARGETS = (operator.sub, torch.sub)
@@ -46,7 +45,7 @@ class ReftNodes:
     positions: bool = False  # the intervention reads a slice of h
 
 
-def find_reft_sites(gm: fx.GraphModule) -> ScalingMatch:
+def find(gm: fx.GraphModule) -> Match:
     """Match every ReFT site of `gm`; never mutates the graph."""
     autocast = autocast_state(gm.graph)
     sites, rejections = [], []
@@ -58,7 +57,7 @@ def find_reft_sites(gm: fx.GraphModule) -> ScalingMatch:
             continue
         if proved is not None:
             sites.append(_describe(len(sites), *proved, autocast.get(node)))
-    return ScalingMatch(sites, rejections)
+    return Match(sites, rejections)
 
 
 def _lin(node) -> Optional[tuple]:
@@ -134,11 +133,11 @@ def _prove_chain(add: fx.Node, read: fx.Node, P: fx.Node):
     return nodes, kind
 
 
-def _describe(index: int, n: ReftNodes, kind: str, autocast) -> ScalingSite:
+def _describe(index: int, n: ReftNodes, kind: str, autocast) -> LayerSite:
     xv, hv, Wv = value(n.x), value(n.read), value(n.weight)
     trainable = tuple(name for name, v in (("R", n.R), ("W_L" if kind == "loreft" else "W_1", n.W_L),
                                             ("b_L" if kind == "loreft" else "b_1", n.b_L)) if v is not None and requires_grad(v))
-    return ScalingSite(
+    return LayerSite(
         index=index,
         kind=kind,
         module=(module_path(n.layer_out) or "").removesuffix(".base") or None,
@@ -160,4 +159,4 @@ def _describe(index: int, n: ReftNodes, kind: str, autocast) -> ScalingSite:
     )
 
 
-__all__ = ["ReftNodes", "find_reft_sites"]
+__all__ = ["ReftNodes", "find"]

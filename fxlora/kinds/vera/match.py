@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxlora.graph_utils import (
+from fxlora.graph.prove import NotASite, Rejection, check_base, check_vector, trace_vector
+from fxlora.graph.read import (
     autocast_state,
     ADD_TARGETS,
     DROPOUT_TARGETS,
@@ -25,11 +26,10 @@ from fxlora.graph_utils import (
     requires_grad,
     value,
 )
-from fxlora.passes.find_ia3 import NotASite, check_base, check_vector, describe, group_sites, trace_vector
-from fxlora.sites import Rejection, ScalingMatch, ScalingNodes
+from fxlora.kinds.base import LayerNodes, Match, describe_layer_site, group_by_input
 
 
-def find_vera_sites(gm: fx.GraphModule) -> ScalingMatch:
+def find(gm: fx.GraphModule) -> Match:
     """Match every VeRA site of `gm`; never mutates the graph."""
     autocast = autocast_state(gm.graph)
     sites, rejections = [], []
@@ -41,9 +41,11 @@ def find_vera_sites(gm: fx.GraphModule) -> ScalingMatch:
             continue
         if proved is not None:
             nodes, base_kind, rank = proved
-            sites.append(describe(len(sites), nodes, base_kind, "vera", autocast.get(nodes.out), rank=rank))
-    group_sites(sites)
-    return ScalingMatch(sites, rejections)
+            trainable = tuple(name for name, v in zip(("lambda_d", "lambda_b"), nodes.vectors) if requires_grad(v))
+            sites.append(describe_layer_site(len(sites), nodes, base_kind, "vera", autocast.get(nodes.out),
+                                             rank=rank, trainable=trainable))
+    group_by_input(sites)
+    return Match(sites, rejections)
 
 
 def _scaled(node, features):
@@ -109,7 +111,7 @@ def _prove(lin2: fx.Node):
     check_base(weight)
     if len(base.users) != 1:
         raise NotASite(f"the base layer's output ({base.name}) is also read outside the site")
-    nodes = ScalingNodes(
+    nodes = LayerNodes(
         x=x, weight=weight, bias=bias, layer_out=base, vectors=(lambda_d, lambda_b), vector_values=(s_d, s_b),
         frozen=(A, B), out=add,
         internal=(add, m2, lin2, lin2.args[0], lin1, base, *own, *chain_b, *chain_d),

@@ -44,7 +44,7 @@ def with_dit_lora(
     """Freeze the DiT and inject PEFT LoRA in place (as diffusers' LoRA training scripts do); B randomised."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from fxlora.bench.models import randomize_lora_B
+    from fxlora.testing.models import randomize_lora_B
 
     if peft_config is not None:
         cfg = LoraConfig(**{k: v for k, v in peft_config.items() if k not in ("peft_type", "task_type", "base_model_name_or_path")})

@@ -12,36 +12,83 @@ from __future__ import annotations
 
 import numbers
 import operator
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxlora.graph_utils import (
-    autocast_state,
-    linear_layer,
+from fxlora.graph.prove import NotASite, Rejection, check_base
+from fxlora.graph.read import (
     ADD_TARGETS,
     ADDMM_TARGETS,
     DROPOUT_TARGETS,
     LINEAR_TARGETS,
     MUL_TARGETS,
     arg,
+    autocast_state,
     is_call,
     is_tensor_input,
+    linear_layer,
     module_path,
     requires_grad,
     strip_casts,
     value,
 )
-from fxlora.sites import LoraMatch, LoraNodes, LoraSite, Rejection
+from fxlora.kinds.base import Match, Size
+
+@dataclass
+class LoraNodes:
+    """The graph nodes of one LoRA site: `out = base(x) + s * B(A(dropout(cast(x))))`."""
+
+    x: fx.Node  # the base layer's input (shared by q/k/v-style sites)
+    weight: fx.Node  # frozen W: (out, in) for nn.Linear, (in, out) for GPT-2's Conv1D
+    bias: Optional[fx.Node]
+    base: fx.Node  # the tensor the branch is added to: W's output, or an earlier adapter's sum
+    layer_out: fx.Node  # W's own output (linear, or Conv1D's viewed addmm); == base unless stacked
+    lora_A: fx.Node  # (r, in)
+    lora_B: fx.Node  # (out, r)
+    input_casts: tuple[fx.Node, ...]  # x.to(adapter dtype) that PEFT inserts, innermost first
+    dropout: Optional[fx.Node]
+    xa: fx.Node  # linear(dropout(x), A)
+    xab: fx.Node  # linear(xa, B)
+    scaled: Optional[fx.Node]  # xab * s (None when s == 1 is implicit)
+    scale: Union[float, fx.Node]
+    add: fx.Node  # base + scaled: the site's output
 
 
-class _NotASite(Exception):
-    """Raised inside matching with the reason a chain is not a provable LoRA site."""
+@dataclass
+class LoraSite:
+    """A proven LoRA site with everything later passes price and rewrite by."""
+
+    index: int
+    module: Optional[str]  # from Dynamo's nn_module_stack, for people only
+    adapter: Optional[str]
+    base_kind: str  # "linear" or "conv1d" (transposed weight, fan_in_fan_out)
+    tokens: tuple[Size, ...]  # leading dims of x; tokens = their product
+    in_features: Size
+    out_features: Size
+    rank: Size
+    x_dtype: torch.dtype
+    weight_dtype: torch.dtype
+    adapter_dtype: torch.dtype
+    compute_dtype: torch.dtype  # dtype of W's matmul output (autocast decides)
+    autocast: Optional[str]  # e.g. "cpu:bfloat16" when inside an autocast region
+    has_bias: bool
+    bias_trainable: bool
+    a_trainable: bool
+    b_trainable: bool
+    dropout_p: Optional[float]  # None: a runtime value (Dynamo tensorified the float)
+    scaling: str  # "2.0", or the node that carries a tensor/symbolic scale
+    stacked: int  # 0 for the first adapter on a base layer, 1 for the next...
+    input_group: int = -1  # sites with the same x share a group id
+    nodes: LoraNodes = field(repr=False, default=None)
+
+    kind = "lora"
 
 
-def find_lora_sites(gm: fx.GraphModule) -> LoraMatch:
+def find(gm: fx.GraphModule) -> Match:
     """Match every LoRA site of `gm`; never mutates the graph."""
     graph = gm.graph
     autocast = autocast_state(graph)
@@ -54,20 +101,18 @@ def find_lora_sites(gm: fx.GraphModule) -> LoraMatch:
     for xab in chains:
         try:
             nodes, base_kind, stacked = _prove_site(xab, branch_outputs)
-        except _NotASite as why:
+        except NotASite as why:
             rejections.append(Rejection(xab.name, module_path(xab), str(why)))
             continue
         sites.append(_describe(len(sites), nodes, base_kind, stacked, autocast.get(nodes.add)))
     rejections.extend(_unsupported_layer_adapters(graph))
 
-    groups: dict[fx.Node, list[int]] = {}
+    groups: dict[fx.Node, list[LoraSite]] = {}
     for site in sites:
-        groups.setdefault(site.nodes.x, []).append(site.index)
-    input_groups = {}
+        groups.setdefault(site.nodes.x, []).append(site)
     for group_id, members in enumerate(groups.values()):
-        input_groups[group_id] = members
-        for i in members:
-            sites[i].input_group = group_id
+        for site in members:
+            site.input_group = group_id
 
     adapter_weights = {n for s in sites for n in (s.nodes.lora_A, s.nodes.lora_B)}
     linears = sum(
@@ -76,7 +121,7 @@ def find_lora_sites(gm: fx.GraphModule) -> LoraMatch:
         if (is_call(n, LINEAR_TARGETS) and arg(n, 1, "weight") not in adapter_weights)
         or is_call(n, ADDMM_TARGETS)
     )
-    return LoraMatch(sites, rejections, input_groups, linears)
+    return Match(sites, rejections, linears)
 
 
 # --- look-alikes on layers fxlora does not rewrite ------------------------------------
@@ -163,16 +208,16 @@ def _only_user(node: fx.Node, what: str) -> fx.Node:
     users = list(node.users)
     if len(users) != 1:
         names = ", ".join(u.name for u in users) or "nothing"
-        raise _NotASite(f"{what} ({node.name}) is used by {len(users)} nodes ({names}), not only by the adapter")
+        raise NotASite(f"{what} ({node.name}) is used by {len(users)} nodes ({names}), not only by the adapter")
     return users[0]
 
 
 def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int]:
     xa = xab.args[0]
     if arg(xa, 2, "bias") is not None:
-        raise _NotASite("lora_A has a bias; LoRA's down-projection has none")
+        raise NotASite("lora_A has a bias; LoRA's down-projection has none")
     if arg(xab, 2, "bias") is not None:
-        raise _NotASite("lora_B has a bias (PEFT lora_bias=True); not supported yet")
+        raise NotASite("lora_B has a bias (PEFT lora_bias=True); not supported yet")
     _only_user(xa, "A(x)")
     lora_A, lora_B = arg(xa, 1, "weight"), arg(xab, 1, "weight")
 
@@ -183,10 +228,10 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
     if is_call(u, DROPOUT_TARGETS) and len(u.users) == 1:
         dropout = u
         if arg(dropout, 3, "inplace", False):
-            raise _NotASite("the adapter's dropout is in-place")
+            raise NotASite("the adapter's dropout is in-place")
         u = dropout.args[0]
     elif isinstance(u, fx.Node) and u.op == "call_module":
-        raise _NotASite(f"the adapter input goes through a module call ({u.target}) fxlora cannot see into")
+        raise NotASite(f"the adapter input goes through a module call ({u.target}) fxlora cannot see into")
     adapter_input, casts = strip_casts(u)
 
     # Output side: optional scale, then the add onto the base layer's output.
@@ -198,7 +243,7 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
         scale = _scalar_operand(out, xab)
         out = _only_user(scaled, "s * B(A(x))")
     if not is_call(out, ADD_TARGETS) or len(out.args) != 2 or out.kwargs:
-        raise _NotASite(
+        raise NotASite(
             f"B(A(x)) flows into {_op_name(out)} instead of `base(x) + s * B(A(x))` "
             "(DoRA's magnitude scaling and other variants look like this)"
         )
@@ -221,17 +266,13 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
         casts = casts[: casts.index(x)]
         adapter_input = x
     if adapter_input is not x:
-        raise _NotASite(
+        raise NotASite(
             f"the adapter reads {adapter_input.name if isinstance(adapter_input, fx.Node) else adapter_input!r}, "
             f"the base layer reads {x.name}: not the same input"
         )
-    W = value(weight)
-    if not W.dtype.is_floating_point:
-        raise _NotASite(f"base weight is {W.dtype} (a quantized base); only float bases are matched")
-    if requires_grad(weight):
-        raise _NotASite("base weight W requires grad; fxlora only rewrites sites with a frozen base")
+    check_base(weight)
     if isinstance(value(x), torch.Tensor) and value(x).dim() < 1:
-        raise _NotASite("x has no feature dimension")
+        raise NotASite("x has no feature dimension")
 
     nodes = LoraNodes(
         x=x, weight=weight, bias=bias, base=base, layer_out=root, lora_A=lora_A, lora_B=lora_B,
@@ -243,7 +284,7 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
 
 def _scalar_operand(mul: fx.Node, xab: fx.Node) -> Union[float, fx.Node]:
     if len(mul.args) != 2:
-        raise _NotASite(f"{mul.name} is not a binary multiply")
+        raise NotASite(f"{mul.name} is not a binary multiply")
     s = mul.args[1] if mul.args[0] is xab else mul.args[0]
     if isinstance(s, numbers.Number) and not isinstance(s, bool):
         return float(s)
@@ -252,17 +293,17 @@ def _scalar_operand(mul: fx.Node, xab: fx.Node) -> Union[float, fx.Node]:
         return s
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         if requires_grad(s):
-            raise _NotASite("the scale is a trainable tensor; fxlora needs a constant scale")
+            raise NotASite("the scale is a trainable tensor; fxlora needs a constant scale")
         return s
     shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(s).__name__
-    raise _NotASite(f"B(A(x)) is multiplied by {shape}, not by a scalar scale")
+    raise NotASite(f"B(A(x)) is multiplied by {shape}, not by a scalar scale")
 
 
 def _base_layer(node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
     """`linear(x, W, b)` or GPT-2's Conv1D `addmm(b, x.view(-1, in), W).view(...)`: (x, W, b, kind)."""
     layer = linear_layer(node)
     if layer is None:
-        raise _NotASite(
+        raise NotASite(
             f"the adapter is added to {_op_name(node)}, not to a linear layer's output "
             "(quantized and custom bases are not matched)"
         )

@@ -1,0 +1,81 @@
+"""The only helpers that mutate a graph: insert a site's replacement, swap it in, erase the dead.
+
+Invariants (fxlora/kinds/README.md): every inserted node gets a fake value in
+`meta["example_value"]`, the replaced node's other metadata moves to its replacement, and
+only nodes that became dead are erased.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fxlora.graph.read import value
+
+
+@contextlib.contextmanager
+def inserting_before(node: fx.Node) -> Iterator[list[fx.Node]]:
+    """`graph.inserting_before(node)` that also collects the nodes inserted (in order)."""
+    graph, before = node.graph, node.prev
+    inserted: list[fx.Node] = []
+    with graph.inserting_before(node):
+        yield inserted
+    cursor = before.next
+    while cursor is not node:
+        inserted.append(cursor)
+        cursor = cursor.next
+
+
+def replace_output(old: fx.Node, new: fx.Node, inserted: Iterable[fx.Node]) -> None:
+    """Redirect every use of `old` to `new`, a node among `inserted`, after giving each
+    inserted node its fake value and `new` the metadata of `old`."""
+    fake_values(list(inserted), value(old))
+    new.meta.update({k: v for k, v in old.meta.items() if k not in ("example_value", "val")})
+    new.meta["example_value"] = value(old)
+    old.replace_all_uses_with(new)
+
+
+def fake_values(nodes: list[fx.Node], example) -> None:
+    """Run `nodes` on fake values, in the fake mode of `example`, to fill `meta["example_value"]`.
+
+    Under no_grad, with requires_grad set by hand: fake values computed with autograd would
+    keep their inputs alive (FSDP2's unsharded weights, through a custom op's saved context).
+    """
+    fake_mode = getattr(example, "fake_mode", None)
+    if fake_mode is None:
+        return
+    todo = [n for n in nodes if n.meta.get("example_value") is None and n.op in ("call_function", "call_method")]
+    try:
+        with fake_mode, torch.no_grad():
+            for node in todo:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+                if node.op == "call_method":
+                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    out = node.target(*args, **kwargs)
+                grad = _any_requires_grad((args, kwargs))
+                node.meta["example_value"] = tree_map(lambda t: _with_grad(t, grad), out)
+    except Exception:  # a nicety for later passes and explain, never a reason to drop the rewrite
+        for node in todo:
+            node.meta.pop("example_value", None)
+
+
+def _any_requires_grad(tree) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in tree_flatten(tree)[0])
+
+
+def _with_grad(t, grad: bool):
+    if isinstance(t, torch.Tensor) and grad and (t.dtype.is_floating_point or t.dtype.is_complex):
+        t.requires_grad_(True)
+    return t
+
+
+def erase_dead(nodes: Iterable) -> None:
+    """Erase each node (in the order given) that nothing reads any more."""
+    for node in nodes:
+        if isinstance(node, fx.Node) and not node.users:
+            node.graph.erase_node(node)

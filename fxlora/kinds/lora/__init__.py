@@ -1,0 +1,106 @@
+"""LoRA (and its opt-in compressed forms, LoRA-FA's frozen A and VeLoRA): the kind contract.
+
+    out = linear(x, W, b) + s * linear(linear(drop(x), A), B)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxlora.config import Config
+from fxlora.cost.guards import size_expr, tokens_expr
+from fxlora.graph.read import describe_size, dtype_name, needs_grad, value
+from fxlora.kinds.base import Match
+from fxlora.kinds.lora import forms as _forms
+from fxlora.kinds.lora.forms import LoraShape, peft_saved_bytes
+from fxlora.kinds.lora.match import LoraSite, find
+from fxlora.kinds.lora.rewrite import rewrite as rewrite_sites, scale_tensor_source
+from fxlora.kinds.lora.velora import velora_forms
+
+NAME = "lora"
+TITLE = "LoRA"
+CANONICAL = "linear(x, W, b) + s * linear(linear(drop(x), A), B)"
+FLOP_BUDGET = True
+COLUMNS = ("#", "site", "base", "tokens", "in", "out", "r", "dtype", "trains", "dropout", "scale", "bias", "x shared with")
+
+
+def why_not(site: LoraSite, config: Config) -> str:
+    n = site.nodes
+    if site.stacked:
+        return "stacked on another adapter's sum (multi-adapter): kept as graph ops, exact as PEFT"
+    if site.dropout_p is None:
+        return "dropout p is a runtime value (Dynamo tensorified it under dynamic shapes): kept as graph ops"
+    if scale_tensor_source(n.scale) is None and not isinstance(n.scale, float):
+        return "the scale is a symbolic float with no tensor behind it"
+    out_dtype = torch.promote_types(site.compute_dtype, value(n.xab).dtype)
+    if value(n.add).dtype != out_dtype:
+        return f"dtype flow not understood (sum is {value(n.add).dtype}, expected {out_dtype})"
+    return ""
+
+
+def shape(site: LoraSite, config: Config) -> LoraShape:
+    adapter_dtype = value(site.nodes.xab).dtype
+    return LoraShape(
+        tokens=tokens_expr(site.tokens),
+        in_features=size_expr(site.in_features),
+        out_features=size_expr(site.out_features),
+        rank=size_expr(site.rank),
+        x_bytes=site.x_dtype.itemsize,
+        adapter_bytes=adapter_dtype.itemsize,
+        a_trainable=site.a_trainable,
+        b_trainable=site.b_trainable,
+        x_needs_grad=needs_grad(site.nodes.x),
+        dropout=site.nodes.dropout is not None and site.dropout_p != 0.0,
+        mixed_dtypes=site.compute_dtype != adapter_dtype,
+    )
+
+
+def site_forms(site: LoraSite, shape: LoraShape, config: Config):
+    lossy, note = velora_forms(site, shape, config)
+    return [*_forms.candidate_forms(shape), *lossy], note
+
+
+def forced(config: Config):
+    return (config.force_form, "force_form") if config.force_form else None
+
+
+def owned(site: LoraSite) -> tuple:
+    n = site.nodes
+    return (n.add, n.scaled, n.xab, n.xa, n.dropout, *n.input_casts, n.layer_out)
+
+
+def row(site: LoraSite, match: Match) -> tuple[str, ...]:
+    name = site.module or site.nodes.add.name
+    if site.adapter:
+        name += f" [{site.adapter}]"
+    trains = "+".join(k for k, on in (("A", site.a_trainable), ("B", site.b_trainable)) if on) or "-"
+    dtype = dtype_name(site.adapter_dtype)
+    if site.autocast:
+        dtype = f"{dtype}@{site.autocast.split(':')[1]}"
+    if dtype_name(site.weight_dtype) != dtype_name(site.adapter_dtype):
+        dtype = f"W {dtype_name(site.weight_dtype)}, AB {dtype}"
+    shared = [str(i) for i in match.input_groups.get(site.input_group, []) if i != site.index]
+    return (
+        str(site.index),
+        name,
+        site.base_kind + (f"+{site.stacked}" if site.stacked else ""),
+        "*".join(describe_size(d) for d in site.tokens) or "1",
+        describe_size(site.in_features),
+        describe_size(site.out_features),
+        describe_size(site.rank),
+        dtype,
+        trains,
+        "runtime" if site.dropout_p is None else f"{site.dropout_p:g}",
+        site.scaling,
+        "trainable" if site.bias_trainable else ("yes" if site.has_bias else "no"),
+        ",".join(shared) or "-",
+    )
+
+
+def describe_shape(s: LoraShape) -> tuple[str, str]:
+    return "", (f"T={s.tokens}, i={s.in_features}, o={s.out_features}, r={s.rank}"
+            + (", A frozen" if not s.a_trainable else "") + (", dropout" if s.dropout else ""))
+
+
+__all__ = ["NAME", "TITLE", "CANONICAL", "COLUMNS", "FLOP_BUDGET", "find", "why_not", "shape", "site_forms",
+           "peft_saved_bytes", "forced", "rewrite_sites", "owned", "row", "describe_shape"]

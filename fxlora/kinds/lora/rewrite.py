@@ -1,0 +1,108 @@
+"""Replace each chosen LoRA site by `fxlora::lora_linear` (or VeLoRA's op) in its form.
+
+The op computes `base(x) + s * B(A(drop(x)))` itself, so the site's own nodes (the base
+linear, dropout, casts, both adapter linears, the scale and the add) become dead and are
+erased. PEFT's `x.to(adapter dtype)` copy disappears with them: the op reads x as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxlora.cost.core import PricedForm
+from fxlora.graph.edit import erase_dead, inserting_before, replace_output
+from fxlora.graph.read import value
+from fxlora.kinds.lora.match import LoraNodes, LoraSite
+from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (register torch.ops.fxlora.*)
+
+
+def rewrite(gm: fx.GraphModule, chosen: list[tuple[LoraSite, PricedForm]]) -> None:
+    """Rewrite the sites in graph order; dropout sites chain their RNG draws (program order)."""
+    last_draw: Optional[fx.Node] = None  # RNG output of the previous dropout site
+    for site, priced in chosen:
+        if priced.form.lossy:
+            _replace_velora(gm, site, priced.form.spec)
+        else:
+            last_draw = _replace_exact(site, *priced.form.spec, last_draw)
+
+
+def scale_tensor_source(scale) -> Optional[fx.Node]:
+    """A tensor node carrying the scale: a 1-element tensor, or the tensor a SymFloat was `.item()`ed from."""
+    if not isinstance(scale, fx.Node):
+        return None
+    v = value(scale)
+    if isinstance(v, torch.Tensor):
+        return scale
+    if scale.op == "call_method" and scale.target == "item":
+        return scale.args[0]
+    return None
+
+
+def _scale_node(graph: fx.Graph, scale) -> fx.Node:
+    """The scale as the ops take it: a 0-d tensor (a Python float would become a guard)."""
+    node = scale_tensor_source(scale)
+    if node is None:
+        return graph.call_function(torch.tensor, (float(scale),), {"dtype": torch.float32})
+    return graph.call_method("reshape", (node, ())) if value(node).dim() > 0 else node
+
+
+def _replace_exact(site: LoraSite, forward: int, backward: int, last_draw: Optional[fx.Node]) -> Optional[fx.Node]:
+    """Returns the node of the RNG state this site drew its mask from (or `last_draw` without dropout)."""
+    n = site.nodes
+    graph = n.add.graph
+    draws = bool(site.dropout_p)
+    adapter_dtype = value(n.xab).dtype
+    mask_dtype = value(n.dropout.args[0]).dtype if n.dropout is not None else adapter_dtype
+    save_xa = not site.a_trainable and site.b_trainable
+    with inserting_before(n.add) as inserted:
+        op = graph.call_function(
+            torch.ops.fxlora.lora_linear.default,
+            (
+                n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), float(site.dropout_p or 0.0),
+                mask_dtype, site.compute_dtype, adapter_dtype, forward, backward, site.base_kind == "conv1d", save_xa,
+            ),
+            {"after": last_draw} if draws and last_draw is not None else {},
+        )
+        y = graph.call_function(operator.getitem, (op, 0))
+        if draws:
+            last_draw = graph.call_function(operator.getitem, (op, 2))
+    _swap(n, y, inserted)
+    return last_draw
+
+
+def _replace_velora(gm: fx.GraphModule, site: LoraSite, v: torch.Tensor) -> None:
+    """VeLoRA's op (opt-in, lossy); v becomes a buffer of `gm` (the same tensor, so loading reaches it)."""
+    n = site.nodes
+    graph = gm.graph
+    attr = f"_fxlora_velora_v_{site.index}"
+    while hasattr(gm, attr):
+        attr += "_"
+    gm.register_buffer(attr, v)
+    fake_mode = getattr(value(n.x), "fake_mode", None)
+    with inserting_before(n.add) as inserted:
+        v_node = graph.get_attr(attr)
+        if fake_mode is not None:
+            v_node.meta["example_value"] = fake_mode.from_tensor(v)
+        op = graph.call_function(
+            torch.ops.fxlora.velora_linear.default,
+            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), v_node, site.compute_dtype,
+             value(n.xab).dtype, site.base_kind == "conv1d", site.b_trainable),
+        )
+        y = graph.call_function(operator.getitem, (op, 0))
+    _swap(n, y, inserted)
+
+
+def _swap(n: LoraNodes, y: fx.Node, inserted: list[fx.Node]) -> None:
+    replace_output(n.add, y, inserted)
+    erase_dead([n.add, n.scaled, n.xab, n.xa, n.dropout, *reversed(n.input_casts), n.layer_out, *_conv1d_parts(n.layer_out)])
+
+
+def _conv1d_parts(layer_out: fx.Node) -> list[fx.Node]:
+    if layer_out.op == "call_method":  # view(addmm(b, view(x), W))
+        mm = layer_out.args[0]
+        return [mm, mm.args[1]]
+    return []

@@ -1,0 +1,99 @@
+"""The one driver: every adapter kind goes find -> own -> check -> price -> choose -> rewrite.
+
+A pass in the Inductor sense: a function over a GraphModule that returns what it did and
+counts it (`torch._dynamo.utils.counters["fxlora"]["<kind>_sites|_rewritten|_kept|_rejected"]`).
+Kinds run in registry order, each on the graph the kinds before it rewrote; a node that an
+earlier kind's site claims makes a later kind's site a Rejection naming the owner (first
+match wins, as PEFT's dispatchers do). `lint` and `recompile` run once, at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from fxlora.config import Config
+from fxlora.cost.core import at, choose_form, price
+from fxlora.cost.guards import size_decider
+from fxlora.graph.prove import Rejection
+from fxlora.graph.read import module_path, value
+from fxlora.kinds import KINDS
+from fxlora.kinds.base import Decision, Kind, Match
+
+
+@dataclass
+class KindResult:
+    """One kind's pass over one graph: what it matched and what it decided for each site."""
+
+    kind: Kind
+    match: Match
+    decisions: list[Decision] = field(default_factory=list)
+
+
+def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS) -> list[KindResult]:
+    """Match, price, choose and rewrite every kind's sites in `gm` (in place)."""
+    decide = size_decider(gm)
+    owner: dict[fx.Node, str] = {}
+    results = []
+    for kind in kinds:
+        match = kind.find(gm)
+        match = _claim(kind, match, owner)
+        result = KindResult(kind, match, [_decide(kind, site, config, decide) for site in match.sites])
+        chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
+        if chosen:
+            kind.rewrite_sites(gm, chosen)
+        stats = counters["fxlora"]
+        stats[f"{kind.name}_sites"] += len(match.sites)
+        stats[f"{kind.name}_rewritten"] += len(chosen)
+        stats[f"{kind.name}_kept"] += len(match.sites) - len(chosen)
+        stats[f"{kind.name}_rejected"] += len(match.rejections)
+        results.append(result)
+    if any(d.rewritten for r in results for d in r.decisions):
+        gm.graph.lint()
+        gm.recompile()
+    return results
+
+
+def _claim(kind: Kind, match: Match, owner: dict[fx.Node, str]) -> Match:
+    """Sites whose nodes an earlier kind's site claims become Rejections naming that site."""
+    sites, rejections = [], list(match.rejections)
+    for site in match.sites:
+        nodes = [n for n in kind.owned(site) if isinstance(n, fx.Node)]
+        taken = next((n for n in nodes if n in owner), None)
+        if taken is not None:
+            rejections.append(Rejection(taken.name, module_path(taken), f"{kind.title}: {taken.name} is already part of {owner[taken]}"))
+            continue
+        sites.append(site)
+    for site in sites:
+        for n in kind.owned(site):
+            if isinstance(n, fx.Node):
+                owner[n] = f"{kind.title} site {site.index}"
+    return Match(sites, rejections, match.linears)
+
+
+def _decide(kind: Kind, site, config: Config, decide) -> Decision:
+    device = value(site.nodes.x).device.type
+    why_not = f"device {device} is not supported by fxlora's ops" if device not in ("cpu", "cuda") else ""
+    why_not = why_not or kind.why_not(site, config)
+    if why_not:
+        return Decision(kind.name, site.index, reason=why_not)
+    shape = kind.shape(site, config)
+    forms, note = kind.site_forms(site, shape, config)
+    priced = price(forms, shape)
+    chosen, why = choose_form(
+        priced, objective=config.objective, flop_budget=config.flop_budget if kind.flop_budget else None,
+        decide=decide, forced=kind.forced(config),
+    )
+    if note and not chosen.form.lossy:
+        why = f"{why}; {note}"
+    if chosen.form.traced:
+        why += f" ({chosen.form.name}: the traced graph is kept as it is)"
+    decision = Decision(kind.name, site.index, shape, priced, None, at(kind.peft_saved_bytes(shape), shape), why)
+    if config.rewrite:
+        decision.chosen = chosen
+    else:
+        decision.reason = f"rewrite=False (would choose {chosen.form.name}: {why})"
+    return decision

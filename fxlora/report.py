@@ -1,0 +1,246 @@
+"""What fxlora saw and did, as data (GraphReport, Report) and as text, for every kind alike.
+
+The store keeps the latest 64 graph reports of this process (`last_report()`); the backend
+records into it, explain builds its own. Formatting reads each kind's table cells from the
+kind itself (fxlora/kinds/base.py `Kind.row`), so a new kind needs nothing here.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+_RECENT: collections.deque = collections.deque(maxlen=64)
+
+
+@dataclass
+class GraphReport:
+    """One Dynamo graph: each kind's sites, rejections and decisions, the graph before/after."""
+
+    compile_id: str
+    num_nodes: int
+    graph_before: str
+    graph_after: str
+    kinds: list = field(default_factory=list)  # fxlora.pipeline.KindResult per kind, in pipeline order
+    fallback: Optional[str] = None  # why the graph was left untouched, when it was
+    notes: list[str] = field(default_factory=list)
+    pieces: list[list[str]] = field(default_factory=list)  # DDP: each bucket sub-graph's fxlora op sites, in order
+
+    @property
+    def sites(self) -> list:
+        return [s for r in self.kinds for s in r.match.sites]
+
+    @property
+    def decisions(self) -> list:
+        return [d for r in self.kinds for d in r.decisions]
+
+    @property
+    def rejections(self) -> list:
+        return [x for r in self.kinds for x in r.match.rejections]
+
+    @property
+    def rewritten(self) -> int:
+        return sum(d.rewritten for d in self.decisions)
+
+    def result(self, kind: str):
+        """The KindResult of kind `kind` ("lora", "ia3", ...), or None when the passes did not run."""
+        return next((r for r in self.kinds if r.kind.name == kind), None)
+
+    @property
+    def checkpointed_regions(self) -> int:
+        """Calls of Dynamo's activation-checkpoint HOP: subgraphs the passes do not descend into."""
+        return self.graph_before.count("torch.ops.higher_order.tag_activation_checkpoint(")
+
+    def format(self, verbose: bool = False) -> str:
+        return "\n".join(_format_graph(self, verbose))
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass
+class Report:
+    """Every graph fxlora compiled for one call (several when Dynamo breaks the graph)."""
+
+    graphs: list[GraphReport]
+
+    @property
+    def sites(self) -> list:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def decisions(self) -> list:
+        return [d for g in self.graphs for d in g.decisions]
+
+    @property
+    def rejections(self) -> list:
+        return [r for g in self.graphs for r in g.rejections]
+
+    def sites_of(self, kind: str) -> list:
+        return [s for g in self.graphs if g.result(kind) for s in g.result(kind).match.sites]
+
+    def decisions_of(self, kind: str) -> list:
+        return [d for g in self.graphs if g.result(kind) for d in g.result(kind).decisions]
+
+    def rejections_of(self, kind: str) -> list:
+        return [r for g in self.graphs if g.result(kind) for r in g.result(kind).match.rejections]
+
+    def format(self, verbose: bool = False) -> str:
+        if not self.graphs:
+            return "fxlora: no graph compiled yet"
+        return "\n\n".join(g.format(verbose) for g in self.graphs)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def record(report: GraphReport) -> None:
+    _RECENT.append(report)
+
+
+def last_report() -> Report:
+    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first."""
+    return Report(list(_RECENT))
+
+
+def clear_reports() -> None:
+    _RECENT.clear()
+
+
+# --- formatting ---------------------------------------------------------------------
+
+
+def summary(g: GraphReport) -> str:
+    """One line: each kind's sites, rewritten and rejected, and the bytes saved against PEFT."""
+    parts = [kind_summary(r) for r in g.kinds if r.match.sites or r.match.rejections]
+    line = "; ".join(parts) or "0 adapter sites"
+    ours = [d.chosen.saved_bytes for d in g.decisions if d.rewritten]
+    peft = [d.peft_saved_bytes for d in g.decisions if d.rewritten]
+    if ours:
+        line += f"; rewritten sites save {_mib(sum(ours))} for backward, PEFT's {_mib(sum(peft))}"
+    return line
+
+
+def kind_summary(r) -> str:
+    m, n = r.match, len(r.match.sites)
+    text = f"{n} {r.kind.title} site{'' if n == 1 else 's'}" + (f" on {m.linears} linears" if m.linears else "")
+    shared = sum(1 for members in m.input_groups.values() if len(members) > 1)
+    text += f", {sum(d.rewritten for d in r.decisions)} rewritten, {len(m.rejections)} rejected"
+    return text + (f", {shared} shared-input groups" if shared else "")
+
+
+def _format_graph(g: GraphReport, verbose: bool) -> list[str]:
+    head = f"fxlora graph {g.compile_id} ({g.num_nodes} nodes)"
+    if not g.kinds:
+        return [head, f"  left untouched: {g.fallback}", *(f"  {note}" for note in g.notes), *_format_pieces(g)]
+    lines = [f"{head}: {summary(g)}"]
+    for r in g.kinds:
+        lines += _format_kind(r, verbose)
+    if g.fallback:
+        lines.append(f"  left untouched: {g.fallback}")
+    lines += [f"  {note}" for note in g.notes]
+    lines += _format_pieces(g)
+    if g.checkpointed_regions:
+        lines.append(f"  {checkpoint_note(g.checkpointed_regions)}")
+    return lines
+
+
+_DECISION_COLUMNS = ("form", "saved", "PEFT saved", "why")
+
+
+def _format_kind(r, verbose: bool) -> list[str]:
+    m = r.match
+    if not m.sites and not m.rejections:
+        return []
+    lines = [f"  {r.kind.title} sites, matched as {r.kind.canonical}:"] if m.sites else []
+    by_site = {d.site: d for d in r.decisions}
+    rows = [(*r.kind.row(site, m), *_decision_cells(by_site.get(site.index))) for site in m.sites]
+    if rows:
+        lines += _table(rows, (*r.kind.columns, *_DECISION_COLUMNS))
+    if m.rejections:
+        lines.append(f"  rejected ({r.kind.title}-like, not provably a site; left untouched):")
+        for x in m.rejections:
+            lines.append(f"    {x.node}" + (f" in {x.module}" if x.module else "") + f": {x.reason}")
+    lossy = [str(d.site) for d in r.decisions if d.chosen is not None and d.chosen.form.lossy]
+    if lossy:  # opt-in compression (docs/lossy.md): say it where nobody can miss it
+        lines.append(f"  LOSSY sites {','.join(lossy)}: opted in via `compress`; their gradients are approximate")
+    if verbose:
+        lines += _format_candidates(r)
+    return lines
+
+
+def _decision_cells(d) -> tuple[str, str, str, str]:
+    if d is None or d.chosen is None:
+        return "-", "-", "-", "not rewritten: " + (d.reason if d is not None else "not priced")
+    return d.chosen.form.name, _mib(d.chosen.saved_bytes), _mib(d.peft_saved_bytes), d.reason
+
+
+def _format_candidates(r) -> list[str]:
+    """Candidates once per distinct site shape: formulas in T, i, o, r and their values here."""
+    groups: dict = {}
+    for d in r.decisions:
+        if d.candidates:
+            groups.setdefault(d.shape, []).append(d)
+    lines = []
+    for shape, group in groups.items():
+        d = group[0]
+        what, sizes = r.kind.describe_shape(shape)
+        ids = ",".join(str(g.site) for g in group)
+        lines.append(f"  candidates for {what + ' ' if what else ''}sites {ids} ({sizes}):")
+        rows = []
+        for c in d.candidates:
+            mark = "*" if d.chosen is not None and c.form == d.chosen.form else ""
+            rows.append((
+                mark + c.form.name, str(c.form.flops), _num(c.flops), str(c.form.saved_bytes),
+                _mib(c.saved_bytes), _mib(c.transient_bytes) if c.transient_bytes else "-",
+                "" if c.form.legal else "illegal: " + c.form.why_not,
+            ))
+        header = ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", "in-op merged W", "")
+        lines += ["  " + row for row in _table(rows, header)]
+    return lines
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+
+
+def _format_pieces(g: GraphReport) -> list[str]:
+    if not g.pieces:
+        return []
+    every = [site for sites in g.pieces for site in sites]
+    prefix = os.path.commonprefix(every) if len(every) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]  # whole module names only
+    rewritten = g.rewritten and not g.fallback
+    lines = [f"  DDP split the {'rewritten ' if rewritten else ''}graph into {len(g.pieces)} bucket sub-graph(s); "
+             "fxlora ops (LoRA unless named) in each" + (f", under {prefix[:-1]}:" if prefix else ":")]
+    for k, sites in enumerate(g.pieces):
+        lines.append(f"    sub-graph {k}: {len(sites)}" + (f" ({', '.join(s[len(prefix):] for s in sites)})" if sites else ""))
+    return lines
+
+
+def checkpoint_note(regions: int) -> str:
+    return (
+        f"{regions} activation-checkpointed region(s) (torch.utils.checkpoint, use_reentrant=False) not searched: "
+        "their LoRA sites run as traced (exact, recomputed in backward, not rewritten)"
+    )
+
+
+def _num(expr) -> str:
+    try:
+        v = int(expr)
+    except TypeError:
+        return str(expr)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return str(v)
+
+
+def _mib(expr) -> str:
+    try:
+        return f"{int(expr) / 2**20:.2f} MiB"
+    except TypeError:
+        return str(expr)
