@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 import fxlora
-from fxlora.bench.models import tiny_model, with_lora
+from fxlora.testing.models import tiny_model, with_lora
 
 
 def pattern_batch(batch: int, seq: int, vocab: int, step: int) -> dict[str, torch.Tensor]:

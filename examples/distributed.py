@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import fxlora
-from fxlora.bench.models import tiny_model, with_lora
+from fxlora.testing.models import tiny_model, with_lora
 
 
 def pattern_batch(batch: int, seq: int, vocab: int, step: int, rank: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import time
 import torch
 
 import fxlora
-from fxlora.bench.diffusion import diffusion_loss, dit_batch, tiny_dit, with_dit_lora
+from fxlora.testing.diffusion import diffusion_loss, dit_batch, tiny_dit, with_dit_lora
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import torch
 import transformers as tf
 
 import fxlora  # registers "fxlora" with accelerate, whose DynamoBackend list would otherwise refuse it
-from fxlora.bench.models import tiny_model, with_lora
+from fxlora.testing.models import tiny_model, with_lora
 
 
 class CountingTokens(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import fxlora
-from fxlora.bench.models import tiny_model
+from fxlora.testing.models import tiny_model
 from fxlora.reft import attach_reft
 
 
