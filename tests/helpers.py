@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import torch
 
+# Tolerances per dtype (loss and every gradient; docs/robustness.md explains them).
+FP32 = dict(rtol=1e-4, atol=1e-5)
+# bf16: both sides round GEMM inputs/outputs to bf16, in different orders (the op fuses
+# base + s*BA, PEFT adds after a cast); a few bf16 ulps on gradients of a 1-layer model.
+BF16 = dict(rtol=5e-2, atol=5e-3)
+# fp16 has 3 more mantissa bits than bf16 but a narrow range; the tiny models stay in range.
+FP16 = dict(rtol=1e-2, atol=2e-3)
+
+
+def compiled(model, **options):
+    """`model` under backend="fxlora", its rewritten graphs run by aot_eager (no Inductor codegen: fast)."""
+    return torch.compile(model, backend="fxlora", options={"inner": "aot_eager", **options})
+
 
 def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward/backward: the loss and every trainable parameter's gradient (then cleared)."""

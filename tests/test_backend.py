@@ -10,7 +10,7 @@ import torch
 
 import fxlora
 from fxlora.testing.models import tiny_model, token_batch, with_lora
-from tests.helpers import assert_same_step, loss_and_grads
+from tests.helpers import assert_same_step, compiled, loss_and_grads
 
 
 def test_backend_name_works_without_importing_fxlora():
@@ -33,9 +33,9 @@ def test_aot_eager_equals_eager(dropout):
     batch = token_batch(2, 16)
     torch.manual_seed(1)
     ref = loss_and_grads(model, batch)
-    compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager"})
+    fast = compiled(model)
     torch.manual_seed(1)
-    assert_same_step(ref, loss_and_grads(compiled, batch))
+    assert_same_step(ref, loss_and_grads(fast, batch))
 
 
 @pytest.mark.inductor
@@ -53,8 +53,8 @@ def test_inductor_hand_off_equals_plain_inductor():
 def test_last_report_and_graph_dumps(tmp_path):
     fxlora.clear_reports()
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4, targets="attention")
-    compiled = torch.compile(model, backend="fxlora", options={"inner": "eager", "dump_graphs": str(tmp_path)})
-    compiled(**token_batch(1, 8))
+    fast = torch.compile(model, backend="fxlora", options={"inner": "eager", "dump_graphs": str(tmp_path)})
+    fast(**token_batch(1, 8))
     report = fxlora.last_report()
     assert len(report.sites) == 4
     dumped = sorted(os.listdir(tmp_path))
@@ -92,7 +92,7 @@ def test_inner_compile_failure_on_rewritten_graph_compiles_it_untouched(monkeypa
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
     batch = token_batch(1, 8)
     ref = loss_and_grads(model, batch)
-    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), batch)
+    got = loss_and_grads(compiled(model), batch)
     assert_same_step(ref, got)
     text = str(fxlora.last_report())
     assert "compiling the rewritten graph failed (RuntimeError: no kernel for fxlora::lora_linear)" in text

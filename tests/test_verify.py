@@ -6,7 +6,7 @@ import torch
 import fxlora
 from fxlora.testing.models import tiny_model, token_batch, with_lora
 from fxlora.ops import lora as lora_ops
-from tests.helpers import assert_same_step, loss_and_grads
+from tests.helpers import assert_same_step, compiled, loss_and_grads
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -15,9 +15,9 @@ def test_verify_passes_on_a_correct_rewrite(dropout):
     batch = token_batch(2, 16)
     torch.manual_seed(0)
     ref = loss_and_grads(model, batch)
-    compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager", "verify": True})
+    fast = compiled(model, verify=True)
     torch.manual_seed(0)
-    assert_same_step(ref, loss_and_grads(compiled, batch), rtol=1e-4, atol=1e-5)
+    assert_same_step(ref, loss_and_grads(fast, batch), rtol=1e-4, atol=1e-5)
     assert all(d.rewritten for d in fxlora.last_report().graphs[-1].decisions)
 
 
@@ -31,9 +31,9 @@ def test_verify_names_the_input_whose_gradient_is_wrong(monkeypatch):
 
     monkeypatch.setattr(lora_ops, "lora_linear_backward", wrong_dA)
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
-    compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager", "verify": True})
+    fast = compiled(model, verify=True)
     with pytest.raises(Exception) as caught:
-        compiled(**token_batch(2, 16)).loss.backward()
+        fast(**token_batch(2, 16)).loss.backward()
     err = caught.value
     while not isinstance(err, fxlora.VerificationError) and err.__cause__ is not None:
         err = err.__cause__

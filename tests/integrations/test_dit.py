@@ -7,6 +7,7 @@ import fxlora
 
 pytest.importorskip("diffusers")
 from fxlora.testing.diffusion import diffusion_loss, dit_batch, tiny_dit, with_dit_lora  # noqa: E402
+from tests.helpers import compiled  # noqa: E402
 
 
 def _step(model, batch, noise):
@@ -24,7 +25,7 @@ def test_dit_lora_sites_rewritten_and_gradients_equal_eager():
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     loss_ref, g_ref = _step(model, batch, noise)
     fxlora.clear_reports()
-    loss_got, g_got = _step(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), batch, noise)
+    loss_got, g_got = _step(compiled(model), batch, noise)
     torch.testing.assert_close(loss_got, loss_ref, rtol=1e-5, atol=1e-6)
     assert g_ref.keys() == g_got.keys() and len(g_ref) == 12  # A and B of 6 adapters
     for name in g_ref:

@@ -9,7 +9,7 @@ import torch
 
 import fxlora
 from fxlora.testing.models import tiny_model, token_batch, with_lora
-from tests.helpers import assert_same_step, loss_and_grads
+from tests.helpers import assert_same_step, compiled, loss_and_grads
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -74,7 +74,7 @@ def test_checkpoint_without_reentrant_is_exact_and_reported():
     batch = token_batch(2, 16)
     ref = loss_and_grads(model, batch)
     fxlora.clear_reports()
-    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), batch)
+    got = loss_and_grads(compiled(model), batch)
     assert_same_step(ref, got)
     report = fxlora.last_report()
     assert sum(g.checkpointed_regions for g in report.graphs) == 2

@@ -8,16 +8,11 @@ import fxlora
 from fxlora.backend import compile_graph
 from fxlora.testing.models import HandLoRALinear, tiny_model, token_batch, with_lora
 from fxlora.config import Config
-from tests.helpers import assert_same_step, loss_and_grads
+from tests.helpers import BF16, FP32, assert_same_step, compiled, loss_and_grads
 
-FP32 = dict(rtol=1e-4, atol=1e-5)
 # bf16 autocast: both sides round GEMM inputs to bf16, in different orders; gradients of
 # a 1-layer model agree to a few bf16 ulps.
-BF16 = dict(rtol=5e-2, atol=5e-3)
 
-
-def _compiled(model, **options):
-    return torch.compile(model, backend="fxlora", options={"inner": "aot_eager", **options})
 
 
 def _step(model, batch, seed=1):
@@ -36,7 +31,7 @@ def test_llama_every_form_equals_eager_peft(form):
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
     batch = token_batch(2, 16)
     ref = _step(model, batch)
-    got = _step(_compiled(model, force_form=form), batch)
+    got = _step(compiled(model, force_form=form), batch)
     assert_same_step(ref, got, **FP32)
     decisions = _rewritten()
     assert len(decisions) == 7
@@ -52,7 +47,7 @@ def test_families_with_and_without_dropout_same_mask(family, dropout):
     batch = token_batch(2, 16)
     ref = _step(model, batch)
     fxlora.clear_reports()
-    got = _step(_compiled(model), batch)
+    got = _step(compiled(model), batch)
     assert_same_step(ref, got, **FP32)
     assert len(_rewritten()) == len(fxlora.last_report().sites) > 0
 
@@ -63,7 +58,7 @@ def test_bf16_autocast_drops_the_fp32_copy_and_keeps_gradients():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = _step(model, batch)
         fxlora.clear_reports()
-        got = _step(_compiled(model), batch)
+        got = _step(compiled(model), batch)
     assert_same_step(ref, got, **BF16)
     report = fxlora.last_report()
     assert len(_rewritten(report)) == 7
@@ -77,7 +72,7 @@ def test_bf16_weights_with_fp32_adapters():
     batch = token_batch(2, 16)
     ref = _step(model, batch)
     fxlora.clear_reports()
-    got = _step(_compiled(model), batch)
+    got = _step(compiled(model), batch)
     assert_same_step(ref, got, **BF16)
     (graph,) = fxlora.last_report().graphs
     assert len(_rewritten()) == 7
@@ -93,7 +88,7 @@ def test_frozen_A_saves_xa():
     batch = token_batch(2, 16)
     ref = _step(model, batch)
     fxlora.clear_reports()
-    got = _step(_compiled(model), batch)
+    got = _step(compiled(model), batch)
     assert_same_step(ref, got, **FP32)
     assert all(d.shape.a_trainable is False for d in _rewritten())
     assert all(d.chosen.saved_bytes == 32 * 4 * 4 for d in _rewritten())  # T * r * 4 bytes
@@ -106,7 +101,7 @@ def test_adamw_steps_give_the_same_weights():
         model = with_lora(tiny_model("llama", layers=1), "llama", r=4, dropout=0.1)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-2)
-        run = _compiled(model) if compile_it else model
+        run = compiled(model) if compile_it else model
         torch.manual_seed(3)
         for _ in range(3):
             run(**batch).loss.backward()
@@ -150,7 +145,7 @@ def test_stacked_adapter_is_left_as_graph_ops():
     batch = token_batch(2, 8)
     ref = _step(model, batch)
     fxlora.clear_reports()
-    got = _step(_compiled(model), batch)
+    got = _step(compiled(model), batch)
     assert_same_step(ref, got, **FP32)
     decisions = fxlora.last_report().graphs[0].decisions
     assert [d.rewritten for d in decisions] == [True, False]
@@ -160,7 +155,7 @@ def test_stacked_adapter_is_left_as_graph_ops():
 def test_rewrite_false_reports_without_rewriting():
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
     fxlora.clear_reports()
-    _compiled(model, rewrite=False)(**token_batch(1, 8))
+    compiled(model, rewrite=False)(**token_batch(1, 8))
     (graph,) = fxlora.last_report().graphs
     assert not any(d.rewritten for d in graph.decisions)
     assert "fxlora.lora_linear" not in graph.graph_after
@@ -176,6 +171,6 @@ def test_rejected_sites_are_not_rewritten():
     model = Escaping(16, 16)
     x = torch.randn(2, 16, requires_grad=True)
     fxlora.clear_reports()
-    torch.testing.assert_close(_compiled(model)(x), model(x))
+    torch.testing.assert_close(compiled(model)(x), model(x))
     (graph,) = fxlora.last_report().graphs
     assert not graph.decisions and graph.rejections

@@ -6,17 +6,13 @@ import torch
 import fxlora
 from fxlora.bench.harness import SavedBytes
 from fxlora.testing.models import tiny_model, token_batch, with_lora
-from tests.helpers import assert_same_step, loss_and_grads
+from tests.helpers import FP32, assert_same_step, compiled, loss_and_grads
 
-FP32 = dict(rtol=1e-4, atol=1e-5)
 
 
 def _model(**kw):
     return with_lora(tiny_model("llama", layers=1, hidden=64), "llama", r=4, **kw)
 
-
-def _compiled(model, **options):
-    return torch.compile(model, backend="fxlora", options={"inner": "aot_eager", **options})
 
 
 def _decisions():
@@ -43,9 +39,9 @@ def test_freeze_lora_A_is_exact_and_saves_only_xa():
     ref = loss_and_grads(model, batch)
     assert all("lora_B" in n for n in ref[1])
     fxlora.clear_reports()
-    compiled = _compiled(model)
+    fast = compiled(model)
     torch.manual_seed(1)
-    assert_same_step(ref, loss_and_grads(compiled, batch), **FP32)
+    assert_same_step(ref, loss_and_grads(fast, batch), **FP32)
     decisions = _decisions()
     assert len(decisions) == 7 and all(d.rewritten and not d.shape.a_trainable for d in decisions)
     assert all(int(d.chosen.saved_bytes) == 2 * 32 * 4 * 4 for d in decisions)  # T r fp32 per site, never T i
@@ -61,12 +57,12 @@ def test_lora_fa_drops_the_shared_x_from_what_is_saved():
     floor_bytes = _saved_bytes(torch.compile(floor, backend="aot_eager"), batch)
     model = _model()
     fxlora.freeze_lora_A(model)
-    got = _saved_bytes(_compiled(model), batch)
+    got = _saved_bytes(compiled(model), batch)
     xa = 7 * 2 * 32 * 4 * 4
     # (Below, not equal: the rewritten graph also lets AOTAutograd save a little less elsewhere.)
     assert got <= floor_bytes + xa
     # Exact fxlora with A trained keeps at least the attention block's shared x (T x 64, fp32) more.
-    trained = _saved_bytes(_compiled(_model()), batch)
+    trained = _saved_bytes(compiled(_model()), batch)
     assert trained - got >= 2 * 32 * 64 * 4
 
 
@@ -83,7 +79,7 @@ def test_velora_with_sub_token_1_is_exact():
     ref = loss_and_grads(model, batch)
     fxlora.clear_reports()
     torch.manual_seed(1)
-    got = loss_and_grads(_compiled(model, compress=compress), batch)
+    got = loss_and_grads(compiled(model, compress=compress), batch)
     assert_same_step(ref, got, **FP32)
     assert all(d.chosen.form.lossy == "velora(M=1)" for d in _decisions())
 
@@ -100,7 +96,7 @@ def test_velora_default_targets_value_and_down_projections_and_b_stays_exact():
     ref_loss, ref = loss_and_grads(model, batch)
     fxlora.clear_reports()
     torch.manual_seed(1)
-    loss, got = loss_and_grads(_compiled(model, compress=compress), batch)
+    loss, got = loss_and_grads(compiled(model, compress=compress), batch)
     torch.testing.assert_close(loss, ref_loss, **FP32)  # forward is exact
     lossy = {n for n in ref if ("v_proj.lora_A" in n or "down_proj.lora_A" in n)}
     for name in ref:
@@ -126,12 +122,12 @@ def test_velora_vector_survives_state_dict_and_the_compiled_graph_reads_it():
     fresh = _model()
     fxlora.velora.prepare(fresh, token_batch(2, 16, seed=5), compress)  # another batch: another v
     assert not all(torch.equal(fresh.state_dict()[k], state[k]) for k in keys)
-    compiled = _compiled(fresh, compress=compress)
-    before = loss_and_grads(compiled, batch)[1]
+    fast = compiled(fresh, compress=compress)
+    before = loss_and_grads(fast, batch)[1]
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in keys)
-    after = loss_and_grads(compiled, batch)[1]
-    want = loss_and_grads(_compiled(trained, compress=compress), batch)[1]
+    after = loss_and_grads(fast, batch)[1]
+    want = loss_and_grads(compiled(trained, compress=compress), batch)[1]
     for name in want:
         torch.testing.assert_close(after[name], want[name], **FP32)
     assert any(not torch.allclose(before[n], want[n]) for n in want if "lora_A" in n)
@@ -147,7 +143,7 @@ def test_velora_composes_with_lora_fa_and_with_exact_sites():
     ref = loss_and_grads(model, batch)
     fxlora.clear_reports()
     torch.manual_seed(1)
-    got = loss_and_grads(_compiled(model, compress=compress), batch)
+    got = loss_and_grads(compiled(model, compress=compress), batch)
     assert_same_step(ref, got, **FP32)  # A frozen: nothing lossy remains
     assert all(not d.chosen.form.lossy and "nothing to compress" in d.reason for d in _decisions())
 
@@ -156,7 +152,7 @@ def test_velora_without_prepare_stays_exact_and_says_why():
     model = _model()
     batch = token_batch(2, 16)
     fxlora.clear_reports()
-    loss_and_grads(_compiled(model, compress={"targets": "all"}), batch)
+    loss_and_grads(compiled(model, compress={"targets": "all"}), batch)
     assert all(not d.chosen.form.lossy and "fxlora.velora.prepare" in d.reason for d in _decisions())
 
 

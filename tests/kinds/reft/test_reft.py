@@ -11,9 +11,8 @@ from fxlora.cost.core import crossover
 from fxlora.kinds.base import LayerShape
 from fxlora.kinds.reft.forms import candidate_forms
 from fxlora.reft import attach_reft
-from tests.helpers import assert_same_step, loss_and_grads
+from tests.helpers import FP32, assert_same_step, compiled, loss_and_grads
 
-FP32 = dict(rtol=1e-4, atol=1e-5)
 
 
 class Block(nn.Module):
@@ -34,8 +33,7 @@ def _decisions():
 
 def _run(model, x, **options):
     fxlora.clear_reports()
-    compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager", **options})
-    return loss_and_grads(compiled, x)
+    return loss_and_grads(compiled(model, **options), x)
 
 
 @pytest.mark.parametrize("kind", ["loreft", "direft", "nodireft"])
@@ -180,7 +178,7 @@ def test_bf16_autocast_is_matched_left_as_traced_and_exact():
 
     ref = step(model)
     fxlora.clear_reports()
-    got = step(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}))
+    got = step(compiled(model))
     assert_same_step(ref, got, rtol=1e-2, atol=1e-3)
     (d,) = _decisions()
     assert not d.rewritten and "autocast" in d.reason
