@@ -13,7 +13,14 @@ def test_explain_prints_the_site_report():
     )
     assert result.exit_code == 0, result.output
     assert "7 LoRA sites on 8 linears" in result.output
-    assert "self_attn.q_proj [default]" in result.output and "forms (FLOPs" in result.output
+    assert "self_attn.q_proj [default]" in result.output and "f1/b1" in result.output
+    assert "candidates for" not in result.output  # the short report: chosen forms only
+
+
+def test_explain_verbose_adds_every_candidate():
+    result = CliRunner().invoke(main, ["explain", "--hidden", "64", "--layers", "1", "--seq", "32", "--verbose"])
+    assert result.exit_code == 0, result.output
+    assert "candidates for sites" in result.output and "FLOPs formula" in result.output
 
 
 def test_explain_from_hf_and_peft_json(tmp_path):
