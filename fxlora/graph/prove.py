@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
 
-from fxlora.graph.read import MUL_TARGETS, VIEW_METHODS, is_method, is_tensor_input, requires_grad, strip_casts, value
+from fxlora.graph.read import (
+    MUL_TARGETS, VIEW_METHODS, is_method, is_tensor_input, module_path, requires_grad, strip_casts, value,
+)
 
 
 class NotASite(Exception):
@@ -27,6 +29,22 @@ class Rejection:
     node: str
     module: Optional[str]
     reason: str
+
+
+def prove_each(nodes: Iterable[fx.Node], prove: Callable[[fx.Node], Any], label: str,
+               rejections: list[Rejection]) -> list[tuple[fx.Node, Any]]:
+    """(node, proof) for each node `prove` proves a site at; a `NotASite` it raises becomes a
+    Rejection of the node, its reason prefixed with `label` ("VeRA: "). None: not a look-alike."""
+    proved = []
+    for node in nodes:
+        try:
+            proof = prove(node)
+        except NotASite as why:
+            rejections.append(Rejection(node.name, module_path(node), f"{label}{why}"))
+            continue
+        if proof is not None:
+            proved.append((node, proof))
+    return proved
 
 
 def check_base(weight: fx.Node) -> None:

@@ -8,7 +8,6 @@ Kinds never import each other; what two of them share lives here or below (graph
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Callable, Optional, Union
 
 import sympy
@@ -60,7 +59,7 @@ class Decision:
 
 @dataclass(frozen=True)
 class Kind:
-    """One adapter kind's contract, read from its package (see fxlora/kinds/README.md)."""
+    """One adapter kind's contract: each kind package builds its `KIND` (fxlora/kinds/README.md)."""
 
     name: str  # "lora", "ia3", ...: counters and `Report.sites_of`
     title: str  # for people: "LoRA"
@@ -77,12 +76,6 @@ class Kind:
     owned: Callable[[Any], tuple]  # site -> the nodes it claims (node ownership across kinds)
     row: Callable[[Any, Match], tuple[str, ...]]  # (site, match) -> explain's cells
     describe_shape: Callable[[Any], tuple[str, str]]  # shape -> (what, sizes) for the candidates heading
-
-    @classmethod
-    def of(cls, package: ModuleType) -> "Kind":
-        p = package
-        return cls(p.NAME, p.TITLE, p.CANONICAL, p.COLUMNS, p.FLOP_BUDGET, p.find, p.why_not, p.shape, p.site_forms,
-                   p.peft_saved_bytes, p.forced, p.rewrite_sites, p.owned, p.row, p.describe_shape)
 
 
 # --- sites on one frozen layer: IA3, VeRA, ReFT -------------------------------------------
@@ -133,22 +126,29 @@ class LayerSite:
     nodes: Any = field(repr=False, default=None)  # LayerNodes, or the kind's own nodes (ReFT)
 
 
-def describe_layer_site(index: int, n: LayerNodes, base_kind: str, kind: str, autocast, *, rank=None,
-                        trainable: tuple[str, ...] = ()) -> LayerSite:
-    """The LayerSite of an IA3/VeRA site's proven nodes."""
+def describe_layer_site(index: int, n: Any, base_kind: str, kind: str, autocast, *, rank=None,
+                        trainable: tuple[str, ...] = (), read: Optional[fx.Node] = None,
+                        vector: Optional[fx.Node] = None, wrapper: str = ".base_layer") -> LayerSite:
+    """The LayerSite of a site's proven nodes (x, weight, bias, layer_out, out).
+
+    read: what the adapter reads of the layer's output, where it is not all of it (ReFT's
+    positions); vector: the tensor whose dtype the adapter computes in (default: the last
+    of `n.vectors`); wrapper: the adapter module's suffix on the layer's path (PEFT's base_layer).
+    """
     x, W = value(n.x), value(n.weight)
+    seen = value(read) if read is not None else None
     return LayerSite(
         index=index,
         kind=kind,
-        module=(module_path(n.layer_out) or module_path(n.out) or "").removesuffix(".base_layer") or None,
+        module=(module_path(n.layer_out) or module_path(n.out) or "").removesuffix(wrapper) or None,
         base_kind=base_kind,
-        tokens=tuple(x.shape[:-1]),
+        tokens=tuple(seen.shape[:-1] if seen is not None else x.shape[:-1]),
         in_features=x.shape[-1],
-        out_features=value(n.layer_out).shape[-1],
+        out_features=(seen if seen is not None else value(n.layer_out)).shape[-1],
         rank=rank,
         x_dtype=x.dtype,
         weight_dtype=W.dtype,
-        vector_dtype=value(n.vectors[-1]).dtype,
+        vector_dtype=value(vector if vector is not None else n.vectors[-1]).dtype,
         compute_dtype=value(n.layer_out).dtype,
         out_dtype=value(n.out).dtype,
         autocast=autocast,
@@ -193,6 +193,7 @@ class LayerShape:
 def layer_shape(site: LayerSite, config: Any, **kind_fields: Any) -> LayerShape:
     """The shape of a LayerSite; x counts as rebuilt where Inductor's partitioner may recompute it."""
     x_rebuilt = config.inner == "inductor" and config.rematerialize and rebuildable(site.nodes.x)
+    mixed = len({site.compute_dtype, site.vector_dtype, site.out_dtype, site.weight_dtype, site.x_dtype}) > 1
     return LayerShape(
         kind=site.kind,
         tokens=tokens_expr(site.tokens),
@@ -205,6 +206,7 @@ def layer_shape(site: LayerSite, config: Any, **kind_fields: Any) -> LayerShape:
         x_needs_grad=needs_grad(site.nodes.x),
         has_bias=site.has_bias,
         x_rebuilt=x_rebuilt,
+        mixed_dtypes=mixed,
         **kind_fields,
     )
 
@@ -242,10 +244,15 @@ def describe_layer_shape(s: LayerShape) -> tuple[str, str]:
             + (", x rebuilt by the partitioner" if s.x_rebuilt else ""))
 
 
-def layer_owned(site: LayerSite) -> tuple:
-    return (site.nodes.out, *site.nodes.internal)
-
-
-def forced_scaling_form(config: Any) -> Optional[tuple[str, str]]:
-    """The scaling_form option (IA3, VeRA, ReFT share it)."""
-    return (config.scaling_form, "scaling_form") if config.scaling_form else None
+def layer_kind(*, name: str, title: str, canonical: str, find, why_not, shape, forms, peft_saved_bytes,
+               rewrite_sites, forced=None) -> Kind:
+    """The Kind of an adapter on one frozen layer (IA3, VeRA, ReFT): one site table, x-sharing
+    groups, forms chosen by saved bytes with FLOPs breaking ties, `scaling_form` to force one."""
+    return Kind(
+        name=name, title=title, canonical=canonical, columns=LAYER_COLUMNS, flop_budget=False, find=find,
+        why_not=why_not, shape=shape, site_forms=lambda site, shape, config: (forms(shape), ""),
+        peft_saved_bytes=peft_saved_bytes,
+        forced=forced or (lambda config: (config.scaling_form, "scaling_form") if config.scaling_form else None),
+        rewrite_sites=rewrite_sites, owned=lambda site: (site.nodes.out, *site.nodes.internal), row=layer_row,
+        describe_shape=describe_layer_shape,
+    )

@@ -16,29 +16,32 @@ from typing import Optional
 
 import torch.fx as fx
 
-from fxlora.graph.prove import NotASite, Rejection, check_base, check_vector, only_user, trace_vector
-from fxlora.graph.read import MUL_TARGETS, autocast_state, linear_layer, module_path, requires_grad, strip_casts, value
+from fxlora.graph.prove import NotASite, Rejection, check_base, check_vector, only_user, prove_each, trace_vector
+from fxlora.graph.read import MUL_TARGETS, autocast_state, linear_layer, requires_grad, strip_casts, value
 from fxlora.kinds.base import LayerNodes, Match, describe_layer_site, group_by_input
 
 
 def find(gm: fx.GraphModule) -> Match:
     """Match every IA3 site of `gm`; never mutates the graph."""
     autocast = autocast_state(gm.graph)
-    found: list[tuple[LayerNodes, str, str]] = []
     rejections: list[Rejection] = []
-    for node in gm.graph.nodes:
-        for kind, prove in (("ia3_out", _prove_output_scaling), ("ia3_in", _prove_input_scaling)):
-            try:
-                proved = prove(node)
-            except NotASite as why:
-                rejections.append(Rejection(node.name, module_path(node), f"IA3 ({kind}): {why}"))
-                continue
-            if proved is not None:
-                found.append((proved[0], proved[1], kind))
+    found = prove_each(gm.graph.nodes, _prove, "IA3 ", rejections)
     sites = [describe_layer_site(i, nodes, base_kind, kind, autocast.get(nodes.out), trainable=("l",))
-             for i, (nodes, base_kind, kind) in enumerate(found)]
+             for i, (_, (nodes, base_kind, kind)) in enumerate(found)]
     group_by_input(sites)
     return Match(sites, rejections)
+
+
+def _prove(node: fx.Node):
+    """(nodes, base kind, "ia3_out" | "ia3_in"): a node is a mul (output scaling) or a linear (input)."""
+    for kind, prove in (("ia3_out", _prove_output_scaling), ("ia3_in", _prove_input_scaling)):
+        try:
+            proved = prove(node)
+        except NotASite as why:
+            raise NotASite(f"({kind}): {why}") from None
+        if proved is not None:
+            return (*proved, kind)
+    return None
 
 
 def _vector_operand(mul: fx.Node, other: fx.Node, features) -> Optional[tuple[fx.Node, fx.Node, list[fx.Node]]]:

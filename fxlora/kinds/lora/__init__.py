@@ -10,19 +10,12 @@ import torch
 from fxlora.config import Config
 from fxlora.cost.guards import size_expr, tokens_expr
 from fxlora.graph.read import describe_size, dtype_name, needs_grad, value
-from fxlora.kinds.base import Match
+from fxlora.kinds.base import Kind, Match
 from fxlora.kinds.lora import forms as _forms
 from fxlora.kinds.lora.forms import LoraShape, peft_saved_bytes
 from fxlora.kinds.lora.match import LoraSite, find
-from fxlora.kinds.lora.rewrite import rewrite as rewrite_sites, scale_tensor_source
+from fxlora.kinds.lora.rewrite import rewrite, scale_tensor_source
 from fxlora.kinds.lora.velora import velora_forms
-
-NAME = "lora"
-TITLE = "LoRA"
-CANONICAL = "linear(x, W, b) + s * linear(linear(drop(x), A), B)"
-FLOP_BUDGET = True
-COLUMNS = ("#", "site", "base", "tokens", "in", "out", "r", "dtype", "trains", "dropout", "scale", "bias", "x shared with")
-
 
 def why_not(site: LoraSite, config: Config) -> str:
     n = site.nodes
@@ -102,5 +95,11 @@ def describe_shape(s: LoraShape) -> tuple[str, str]:
             + (", A frozen" if not s.a_trainable else "") + (", dropout" if s.dropout else ""))
 
 
-__all__ = ["NAME", "TITLE", "CANONICAL", "COLUMNS", "FLOP_BUDGET", "find", "why_not", "shape", "site_forms",
-           "peft_saved_bytes", "forced", "rewrite_sites", "owned", "row", "describe_shape"]
+KIND = Kind(
+    name="lora", title="LoRA", canonical="linear(x, W, b) + s * linear(linear(drop(x), A), B)",
+    columns=("#", "site", "base", "tokens", "in", "out", "r", "dtype", "trains", "dropout", "scale", "bias",
+             "x shared with"),
+    flop_budget=True, find=find, why_not=why_not, shape=shape, site_forms=site_forms,
+    peft_saved_bytes=peft_saved_bytes, forced=forced, rewrite_sites=rewrite, owned=owned, row=row,
+    describe_shape=describe_shape,
+)

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxlora.graph.prove import NotASite, Rejection, check_base
+from fxlora.graph.prove import NotASite, check_base, prove_each
 from fxlora.graph.read import (
-    ADD_TARGETS, LINEAR_TARGETS, arg, autocast_state, is_call, linear_layer, module_path, requires_grad, value,
+    ADD_TARGETS, LINEAR_TARGETS, arg, autocast_state, is_call, linear_layer, requires_grad, value,
 )
-from fxlora.kinds.base import LayerSite, Match
+from fxlora.kinds.base import LayerSite, Match, describe_layer_site
 
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SUB_TARGETS = (operator.sub, torch.sub)
@@ -48,15 +48,9 @@ class ReftNodes:
 def find(gm: fx.GraphModule) -> Match:
     """Match every ReFT site of `gm`; never mutates the graph."""
     autocast = autocast_state(gm.graph)
-    sites, rejections = [], []
-    for node in gm.graph.nodes:
-        try:
-            proved = _prove(node)
-        except NotASite as why:
-            rejections.append(Rejection(node.name, module_path(node), f"ReFT: {why}"))
-            continue
-        if proved is not None:
-            sites.append(_describe(len(sites), *proved, autocast.get(node)))
+    rejections: list = []
+    sites = [_describe(i, nodes, kind, autocast.get(node))
+             for i, (node, (nodes, kind)) in enumerate(prove_each(gm.graph.nodes, _prove, "ReFT: ", rejections))]
     return Match(sites, rejections)
 
 
@@ -134,29 +128,10 @@ def _prove_chain(add: fx.Node, read: fx.Node, P: fx.Node):
 
 
 def _describe(index: int, n: ReftNodes, kind: str, autocast) -> LayerSite:
-    xv, hv, Wv = value(n.x), value(n.read), value(n.weight)
-    trainable = tuple(name for name, v in (("R", n.R), ("W_L" if kind == "loreft" else "W_1", n.W_L),
-                                            ("b_L" if kind == "loreft" else "b_1", n.b_L)) if v is not None and requires_grad(v))
-    return LayerSite(
-        index=index,
-        kind=kind,
-        module=(module_path(n.layer_out) or "").removesuffix(".base") or None,
-        base_kind="linear",
-        tokens=tuple(hv.shape[:-1]),
-        in_features=xv.shape[-1],
-        out_features=hv.shape[-1],
-        rank=value(n.R).shape[0],
-        x_dtype=xv.dtype,
-        weight_dtype=Wv.dtype,
-        vector_dtype=value(n.W_L).dtype,
-        compute_dtype=value(n.layer_out).dtype,
-        out_dtype=value(n.out).dtype,
-        autocast=autocast,
-        has_bias=n.bias is not None,
-        bias_trainable=n.bias is not None and requires_grad(n.bias),
-        trainable=trainable,
-        nodes=n,
-    )
+    names = ("R", "W_L", "b_L") if kind == "loreft" else ("R", "W_1", "b_1")
+    trainable = tuple(name for name, v in zip(names, (n.R, n.W_L, n.b_L)) if v is not None and requires_grad(v))
+    return describe_layer_site(index, n, "linear", kind, autocast, rank=value(n.R).shape[0], trainable=trainable,
+                               read=n.read, vector=n.W_L, wrapper=".base")
 
 
 __all__ = ["ReftNodes", "find"]

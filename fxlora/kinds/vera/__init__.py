@@ -7,43 +7,25 @@ from __future__ import annotations
 
 import torch
 
-from fxlora.config import Config
-from fxlora.kinds.base import (
-    LAYER_COLUMNS, LayerShape, LayerSite, describe_layer_shape, forced_scaling_form, layer_owned, layer_row,
-    layer_shape,
-)
-from fxlora.kinds.vera import forms as _forms
-from fxlora.kinds.vera.forms import peft_saved_bytes
+from fxlora.kinds.base import LayerShape, LayerSite, layer_kind, layer_shape
+from fxlora.kinds.vera.forms import candidate_forms, peft_saved_bytes
 from fxlora.kinds.vera.match import find
-from fxlora.kinds.vera.rewrite import rewrite as rewrite_sites
-
-NAME = "vera"
-TITLE = "VeRA"
-CANONICAL = "linear(x, W, b) + lambda_b * linear(lambda_d * linear(x, A), B)"
-FLOP_BUDGET = False
-COLUMNS = LAYER_COLUMNS
-forced = forced_scaling_form
-owned = layer_owned
-row = layer_row
-describe_shape = describe_layer_shape
+from fxlora.kinds.vera.rewrite import rewrite
 
 
-def why_not(site: LayerSite, config: Config) -> str:
+def why_not(site: LayerSite, config) -> str:
     expected = torch.promote_types(site.compute_dtype, torch.promote_types(site.vector_dtype, site.compute_dtype))
     if site.out_dtype != expected:
         return f"dtype flow not understood (output is {site.out_dtype}, expected {expected})"
     return ""
 
 
-def shape(site: LayerSite, config: Config) -> LayerShape:
-    mixed = len({site.compute_dtype, site.vector_dtype, site.out_dtype, site.weight_dtype, site.x_dtype}) > 1
-    return layer_shape(site, config, mixed_dtypes=mixed, train_d="lambda_d" in site.trainable,
-                       train_b="lambda_b" in site.trainable)
+def shape(site: LayerSite, config) -> LayerShape:
+    return layer_shape(site, config, train_d="lambda_d" in site.trainable, train_b="lambda_b" in site.trainable)
 
 
-def site_forms(site: LayerSite, shape: LayerShape, config: Config):
-    return _forms.candidate_forms(shape), ""
-
-
-__all__ = ["NAME", "TITLE", "CANONICAL", "COLUMNS", "FLOP_BUDGET", "find", "why_not", "shape", "site_forms",
-           "peft_saved_bytes", "forced", "rewrite_sites", "owned", "row", "describe_shape"]
+KIND = layer_kind(
+    name="vera", title="VeRA", canonical="linear(x, W, b) + lambda_b * linear(lambda_d * linear(x, A), B)",
+    find=find, why_not=why_not, shape=shape, forms=candidate_forms, peft_saved_bytes=peft_saved_bytes,
+    rewrite_sites=rewrite,
+)

@@ -12,18 +12,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxlora.graph.prove import NotASite, Rejection, check_base, check_vector, trace_vector
+from fxlora.graph.prove import NotASite, check_base, check_vector, prove_each, trace_vector
 from fxlora.graph.read import (
-    autocast_state,
-    ADD_TARGETS,
-    DROPOUT_TARGETS,
-    LINEAR_TARGETS,
-    MUL_TARGETS,
-    arg,
-    is_call,
-    linear_layer,
-    module_path,
-    requires_grad,
+    ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, arg, autocast_state, is_call, linear_layer, requires_grad,
     value,
 )
 from fxlora.kinds.base import LayerNodes, Match, describe_layer_site, group_by_input
@@ -33,17 +24,10 @@ def find(gm: fx.GraphModule) -> Match:
     """Match every VeRA site of `gm`; never mutates the graph."""
     autocast = autocast_state(gm.graph)
     sites, rejections = [], []
-    for node in gm.graph.nodes:
-        try:
-            proved = _prove(node)
-        except NotASite as why:
-            rejections.append(Rejection(node.name, module_path(node), f"VeRA: {why}"))
-            continue
-        if proved is not None:
-            nodes, base_kind, rank = proved
-            trainable = tuple(name for name, v in zip(("lambda_d", "lambda_b"), nodes.vectors) if requires_grad(v))
-            sites.append(describe_layer_site(len(sites), nodes, base_kind, "vera", autocast.get(nodes.out),
-                                             rank=rank, trainable=trainable))
+    for _, (nodes, base_kind, rank) in prove_each(gm.graph.nodes, _prove, "VeRA: ", rejections):
+        trainable = tuple(name for name, v in zip(("lambda_d", "lambda_b"), nodes.vectors) if requires_grad(v))
+        sites.append(describe_layer_site(len(sites), nodes, base_kind, "vera", autocast.get(nodes.out),
+                                         rank=rank, trainable=trainable))
     group_by_input(sites)
     return Match(sites, rejections)
 

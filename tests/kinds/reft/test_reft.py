@@ -146,7 +146,7 @@ def test_bf16_weight_form_is_illegal():
 
 def test_rewrite_gives_new_nodes_fake_values():
     """kinds/README.md: later passes and explain read shapes from every node."""
-    from fxlora import kinds
+    from fxlora.kinds import reft
     from fxlora.config import Config
     from fxlora.graph.read import value
     from fxlora.pipeline import run_kinds
@@ -154,7 +154,7 @@ def test_rewrite_gives_new_nodes_fake_values():
     seen = []
 
     def backend(gm, example_inputs):
-        (result,) = run_kinds(gm, Config(inner="aot_eager", scaling_form="weight"), [kinds.KINDS[-1]])
+        (result,) = run_kinds(gm, Config(inner="aot_eager", scaling_form="weight"), [reft.KIND])
         seen.extend(d.rewritten for d in result.decisions)
         missing = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method") and value(n) is None]
         assert not missing, missing
