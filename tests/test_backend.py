@@ -115,7 +115,7 @@ def test_inductor_dropout_sites_draw_eager_masks():
 
 
 def _saved_activation_bytes(model, batch) -> int:
-    from fxlora.bench.harness import SavedBytes
+    from fxlora.bench.run import SavedBytes
 
     counter = SavedBytes(frozenset(p.untyped_storage().data_ptr() for p in model.parameters()))
     with counter:

@@ -56,6 +56,8 @@ def test_no_import_cycle():
     ("fxlora.kinds", ("fxlora.kinds", "fxlora.cost", "fxlora.graph", "fxlora.ops", "fxlora.config")),
     ("fxlora.pipeline", ("fxlora.kinds", "fxlora.cost", "fxlora.graph", "fxlora.config")),
     ("fxlora.report", ()),
+    ("fxlora.bench.spec", ()),
+    ("fxlora.bench.results", ("fxlora.bench.spec",)),
 ])
 def test_layers_import_only_below(layer, allowed):
     wrong = [(a, b) for a, b in GRAPH.edges

@@ -26,23 +26,22 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
-from fxlora.bench.harness import (
+from fxlora.bench.plot import plot_result
+from fxlora.bench.ranks import run_sweep_on_ranks
+from fxlora.bench.results import BenchResult, Measurement, measurement_columns
+from fxlora.bench.run import TqdmProgress, run_sweep
+from fxlora.bench.spec import (
     ADAPTERS,
     ALL_CONTESTANTS,
     CONTESTANTS,
-    VARIANTS,
     DTYPES,
     INNERS,
-    PARALLEL,
     MIB,
     NOISY_SPREAD,
-    BenchResult,
-    Measurement,
+    PARALLEL,
+    VARIANTS,
     ModelShape,
-    Progress,
     Settings,
-    measurement_columns,
-    run_sweep,
     contestants_for,
     steps_per_case,
     sweep_cases,
@@ -188,24 +187,6 @@ def cases_from(args: argparse.Namespace):
     return sweep_cases(seqs, ranks, dropouts)
 
 
-class TqdmProgress(Progress):
-    """One bar over every step of the sweep; the postfix names the case and contestant running."""
-
-    def __init__(self, total: int, disable: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="step", desc="bench", disable=disable, dynamic_ncols=True)
-
-    def start(self, label: str) -> None:
-        self.bar.set_postfix_str(label, refresh=True)
-
-    def done(self) -> None:
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -310,8 +291,6 @@ def write_outputs(result: BenchResult, args: argparse.Namespace) -> list[str]:
         paths.append(os.path.join(args.out_dir, "latest.md"))
         _write_text(paths[-1], table)
     if not args.no_plot:
-        from fxlora.bench.plot import plot_result
-
         default_plot = DEFAULT_PLOT.replace("lora", args.adapter)
         plot_path = args.plot or (os.path.join(args.out_dir, f"{args.adapter}_quick.png") if args.quick else default_plot)
         plot_result(result, plot_path)
@@ -343,8 +322,6 @@ def run(args: argparse.Namespace) -> int:
     if settings.steps < 5 or settings.warmup < 2:
         print(f"note: {settings.steps} timed / {settings.warmup} warm-up steps is below measuring.md's 5 / 2", file=sys.stderr)
     if settings.parallel != "none":
-        from fxlora.bench.distributed import run_sweep_on_ranks
-
         result = run_sweep_on_ranks(cases, settings, args.world, progress=not args.no_progress)
     else:
         progress = TqdmProgress(len(cases) * steps_per_case(settings), disable=args.no_progress)
@@ -374,8 +351,6 @@ def redraw(args: argparse.Namespace) -> int:
         os.makedirs(args.out_dir, exist_ok=True)
         _write_text(os.path.join(args.out_dir, "latest.md"), table)
     if not args.no_plot:
-        from fxlora.bench.plot import plot_result
-
         plot_result(result, args.plot or DEFAULT_PLOT)
     return 0
 

@@ -7,7 +7,9 @@ times carry bars from the fastest to the slowest timed step.
 from __future__ import annotations
 
 import os
-from fxlora.bench.harness import ALL_CONTESTANTS, MIB, BenchResult, Measurement
+
+from fxlora.bench.results import BenchResult, Measurement
+from fxlora.bench.spec import ALL_CONTESTANTS, MIB
 
 STYLE = {  # one look per contestant across every panel
     "floor": dict(color="0.45", linestyle="--", marker="s"),

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness: tiny model, aot_eager, structure only (never timings)."""
+"""Smoke test of the benchmark (spec, contestants, run, results, CLI): tiny model, aot_eager, structure only (never timings)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import math
 import pytest
 
 from fxlora.bench import __main__ as cli
-from fxlora.bench.harness import CONTESTANTS, Case, ModelShape, Settings, adapter_tax, run_sweep
+from fxlora.bench.contestants import ATTACH
+from fxlora.bench.results import adapter_tax
+from fxlora.bench.run import run_sweep
+from fxlora.bench.spec import ADAPTERS, CONTESTANTS, Case, ModelShape, Settings
 
 TINY = ModelShape(hidden=64, intermediate=128, layers=1, heads=4, vocab=128)
 
@@ -53,6 +56,10 @@ def test_adapter_tax():
     assert adapter_tax(15.0, floor=10.0, peer=20.0) == pytest.approx(0.5)
     assert adapter_tax(15.0, floor=10.0, peer=10.0) is None
     assert adapter_tax(15.0, floor=None, peer=20.0) is None
+
+
+def test_every_adapter_has_one_builder():
+    assert tuple(ATTACH) == ADAPTERS
 
 
 def test_cli_writes_json_csv_markdown_and_plot(tmp_path, capsys):

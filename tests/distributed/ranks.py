@@ -88,7 +88,7 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
 
     hook=False puts Dynamo's stock DDPOptimizer back, as on a torch fxlora cannot hook."""
     import fxlora
-    from fxlora.bench.distributed import allow_small_buckets
+    from fxlora.bench.contestants import allow_small_buckets
     from torch._dynamo.backends import distributed as dynamo_ddp
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -119,7 +119,7 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
 def fsdp_worker(rank: int, world: int, options: dict | None = None, probe_saved: bool = False) -> dict[str, Any]:
     """One FSDP2 step: fully_shard per decoder layer and at the root, base weights frozen and sharded."""
     import fxlora
-    from fxlora.bench.distributed import parallelize
+    from fxlora.bench.contestants import parallelize
 
     model = parallelize(lora_llama(), "fsdp")  # as the benchmark shards it
     compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager", **(options or {})})

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fxlora.cost.core import I, O, R, T
 from fxlora.kinds.lora import forms as cost
-from fxlora.bench.harness import SavedBytes
+from fxlora.bench.run import SavedBytes
 from fxlora.ops.velora import compress, reconstruct, velora_linear, velora_linear_backward
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxlora
-from fxlora.bench.harness import SavedBytes
+from fxlora.bench.run import SavedBytes
 from fxlora.testing.models import tiny_model, token_batch, with_lora
 from tests.helpers import FP32, assert_same_step, compiled, loss_and_grads
 
