@@ -13,6 +13,7 @@ from typing import Optional
 
 import click
 
+from fxlora.config import json_object
 from fxlora.testing.models import FAMILIES
 
 
@@ -20,12 +21,9 @@ def _json_object(ctx, param, value: Optional[str]):
     if value is None:
         return None
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as err:
-        raise click.BadParameter(f"not JSON: {err}") from None
-    if not isinstance(parsed, dict):
-        raise click.BadParameter(f"want a JSON object such as '{{\"objective\": \"flops\"}}', got {value!r}")
-    return parsed
+        return json_object(value, "--options")
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def _read_json(path: Optional[str]) -> Optional[dict]:

@@ -179,15 +179,19 @@ def compress_targets(spec: Mapping[str, Any], module_path: Optional[str]) -> boo
     return any(module_path == t or module_path.endswith("." + t) for t in spec["targets"])
 
 
-def _env_options() -> Any:
-    text = os.environ[OPTIONS_ENV]
+def json_object(text: str, what: str) -> dict:
+    """`text` parsed as a JSON object; a ValueError says what `what` must look like."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{OPTIONS_ENV} must be a JSON object of fxlora options, got {text!r} ({err})") from None
+        raise ValueError(f"{what} must be a JSON object, got {text!r} (not JSON: {err})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{OPTIONS_ENV} must be a JSON object of fxlora options such as '{{\"inner\": \"aot_eager\"}}', got {text!r}")
+        raise ValueError(f"{what} must be a JSON object such as '{{\"inner\": \"aot_eager\"}}', got {text!r}")
     return value
+
+
+def _env_options() -> Any:
+    return json_object(os.environ[OPTIONS_ENV], f"{OPTIONS_ENV} (fxlora options)")
 
 
 def check_mode(mode: Optional[str]) -> None:

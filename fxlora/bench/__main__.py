@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 from fxlora.bench.plot import plot_result
 from fxlora.bench.ranks import run_sweep_on_ranks
-from fxlora.bench.results import BenchResult, Measurement, measurement_columns
+from fxlora.bench.results import BenchResult, Measurement, describe_model, measurement_columns
 from fxlora.bench.run import TqdmProgress, run_sweep
 from fxlora.bench.spec import (
     ADAPTERS,
@@ -46,6 +46,7 @@ from fxlora.bench.spec import (
     steps_per_case,
     sweep_cases,
 )
+from fxlora.config import json_object
 
 DEFAULT_SEQS = (256, 1024, 2048)
 LONG_SEQ = 4096
@@ -138,12 +139,9 @@ def _variants(text: str) -> tuple[str, ...]:
 
 def _json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"want a JSON object such as '{{}}', got {text!r}")
-    return value
+        return json_object(text, "the option")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _csv(values) -> str:
@@ -208,9 +206,7 @@ def caption(result: BenchResult) -> str:
         f"({m['torch_threads']} torch threads), {m['device']}; torch {m['torch']}, transformers {m.get('transformers', '?')}, "
         f"peft {m.get('peft', '?')}, fxlora {m.get('fxlora_commit') or '?'}. "
         + (f"{m['parallel']}{_buckets(s)}, figures per rank (rank 0). " if m.get("parallel") else "")
-        + f"{s['dtype']}; random-init "
-        f"{shape['family']} hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, "
-        f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}; {_adapter_targets(s)}. "
+        + f"{s['dtype']}; random-init {describe_model(shape)}; {_adapter_targets(s)}. "
         f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
         f"fxlora options {json.dumps(s['fxlora_options_used'])}. Best peer = better of peft-eager and peft-inductor per figure; "
         f"tax = (x - floor) / (best peer - floor). Saved = bytes saved for backward, parameters excluded. "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from fxlora.bench.results import BenchResult, Measurement
+from fxlora.bench.results import BenchResult, Measurement, describe_model
 from fxlora.bench.spec import ALL_CONTESTANTS, MIB
 
 STYLE = {  # one look per contestant across every panel
@@ -83,9 +83,7 @@ ADAPTER_LABELS = {"lora": "LoRA all-linear", "ia3": "IA3 (PEFT default targets)"
 
 def _subtitle(result: BenchResult) -> str:
     s, m = result.settings, result.machine
-    shape = s["shape"]
     return (
-        f"{shape['family']} h{shape['hidden']} i{shape['intermediate']} L{shape['layers']} vocab {shape['vocab']}, "
-        f"{ADAPTER_LABELS[s.get('adapter', 'lora')]}, {s['dtype']}, AdamW; {m['processor']} x{m['cpu_count']}, torch {m['torch']}, "
+        f"{describe_model(s['shape'], short=True)}, {ADAPTER_LABELS[s.get('adapter', 'lora')]}, {s['dtype']}, AdamW; {m['processor']} x{m['cpu_count']}, torch {m['torch']}, "
         f"inner {s['inner']}; median of {s['steps']} steps"
     )

@@ -116,3 +116,11 @@ def adapter_tax(value: float, floor: Optional[float], peer: Optional[float]) -> 
     if floor is None or peer is None or peer - floor <= 0:
         return None
     return (value - floor) / (peer - floor)
+
+
+def describe_model(shape: dict, short: bool = False) -> str:
+    """The benchmark's model in words, for captions (long) and plot titles (short)."""
+    if short:
+        return f"{shape['family']} h{shape['hidden']} i{shape['intermediate']} L{shape['layers']} vocab {shape['vocab']}"
+    return (f"{shape['family']} hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, "
+            f"{shape['heads']} heads, vocab {shape['vocab']}, batch {shape['batch']}")
