@@ -24,13 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-_NO_TENSOR = (0,)
-
-
-def _w(weight: Tensor, conv1d: bool) -> Tensor:
-    """W as (out, in): GPT-2's Conv1D stores it transposed."""
-    return weight.t() if conv1d else weight
-
+from fxlora.ops._common import NO_TENSOR, base_weight
 
 def _saves_h(scale_input: bool, form: str) -> bool:
     return not scale_input and form == "act"
@@ -51,10 +45,10 @@ def ia3_linear(
 ) -> tuple[Tensor, Tensor]:
     """Returns (y, h if the form saves it else empty). `l` is the parameter as stored ((out, 1) or (1, in))."""
     cd = compute_dtype
-    W = _w(weight, conv1d).to(cd)
+    W = base_weight(weight, conv1d).to(cd)
     b = None if bias is None else bias.to(cd)
     lv = l.reshape(-1).to(vector_dtype)
-    h = x.new_empty(_NO_TENSOR, dtype=cd)
+    h = x.new_empty(NO_TENSOR, dtype=cd)
     if scale_input:
         if form == "weight":
             y = torch.nn.functional.linear(x.to(cd), W * lv.to(cd), b)
@@ -75,7 +69,7 @@ def ia3_linear(
 def _(x, weight, bias, l, scale_input, form, compute_dtype, vector_dtype, out_dtype, conv1d):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
-    h_shape = (*x.shape[:-1], out_features) if _saves_h(scale_input, form) else _NO_TENSOR
+    h_shape = (*x.shape[:-1], out_features) if _saves_h(scale_input, form) else NO_TENSOR
     return y, x.new_empty(h_shape, dtype=compute_dtype)
 
 
@@ -117,12 +111,12 @@ def ia3_linear_backward(
     """(dx, db, dl); a gradient not in `needs` is empty."""
     need_x, need_b, need_l = needs
     cd = compute_dtype
-    W = _w(weight, conv1d).to(cd)
+    W = base_weight(weight, conv1d).to(cd)
     lv = l.reshape(-1).to(vector_dtype)
     x_shape = (*dy.shape[:-1], W.shape[1])
     dy2 = dy.flatten(0, -2)  # (T, out)
     x2 = None if x is None else x.flatten(0, -2)
-    dx, db, dl = (dy.new_empty(_NO_TENSOR) for _ in range(3))
+    dx, db, dl = (dy.new_empty(NO_TENSOR) for _ in range(3))
     if scale_input:
         if form == "weight":
             if need_x:
@@ -167,9 +161,9 @@ def ia3_linear_backward(
 def _(dy, x, h, weight, bias, l, scale_input, form, compute_dtype, vector_dtype, conv1d, x_dtype, needs):
     need_x, need_b, need_l = needs
     in_features = weight.shape[0] if conv1d else weight.shape[1]
-    dx = dy.new_empty((*dy.shape[:-1], in_features), dtype=x_dtype) if need_x else dy.new_empty(_NO_TENSOR)
-    db = bias.new_empty(bias.shape) if need_b else dy.new_empty(_NO_TENSOR)
-    dl = l.new_empty(l.shape) if need_l else dy.new_empty(_NO_TENSOR)
+    dx = dy.new_empty((*dy.shape[:-1], in_features), dtype=x_dtype) if need_x else dy.new_empty(NO_TENSOR)
+    db = bias.new_empty(bias.shape) if need_b else dy.new_empty(NO_TENSOR)
+    dl = l.new_empty(l.shape) if need_l else dy.new_empty(NO_TENSOR)
     return dx, db, dl
 
 

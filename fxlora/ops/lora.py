@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fxlora.ops._common import NO_TENSOR, base_weight
+
 FORWARD_FORMS = (1, 2)
 # RunLoRA backward k -> (dA bracketing, dB bracketing, dX bracketing)
 BACKWARD_FORMS = {
@@ -44,9 +46,6 @@ BACKWARD_FORMS = {
     7: ("xtdy", "xa", "merged"),
     8: ("z1", "xtdy", "merged"),
 }
-NO_TENSOR = (0,)
-
-
 def _rng_state(device: torch.device) -> Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
@@ -67,11 +66,6 @@ def _merged_weight(W: Tensor, A: Tensor, B: Tensor, s: Tensor, dtype: torch.dtyp
     """W + s B A in one GEMM that accumulates into a copy of W (scaling the small B): the
     (out, in) matrix is written once, not by separate mul and add passes."""
     return torch.addmm(W.to(dtype), s * B, A)
-
-
-def base_weight(weight: Tensor, conv1d: bool) -> Tensor:
-    """W as (out, in): GPT-2's Conv1D stores it transposed (fan_in_fan_out)."""
-    return weight.t() if conv1d else weight
 
 
 @torch.library.custom_op("fxlora::lora_linear", mutates_args=())

@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fxlora.ops.lora import NO_TENSOR, base_weight, fake_grads
+from fxlora.ops._common import NO_TENSOR, base_weight
+from fxlora.ops.lora import fake_grads
 
 
 

@@ -21,11 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-_NO_TENSOR = (0,)
-
-
-def _w(weight: Tensor, conv1d: bool) -> Tensor:
-    return weight.t() if conv1d else weight
+from fxlora.ops._common import NO_TENSOR, base_weight
 
 
 def _delta(A: Tensor, B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
@@ -48,12 +44,12 @@ def vera_linear(
 ) -> tuple[Tensor, Tensor]:
     """Returns (y, u = x A^T if the form saves it else empty)."""
     cd = compute_dtype
-    W = _w(weight, conv1d).to(cd)
+    W = base_weight(weight, conv1d).to(cd)
     b = None if bias is None else bias.to(cd)
     xc = x.to(cd)
     if form == "weight":
         merged = W + _delta(A.to(cd), B.to(cd), lambda_d.to(cd), lambda_b.to(cd))
-        return torch.nn.functional.linear(xc, merged, b).to(out_dtype), x.new_empty(_NO_TENSOR, dtype=cd)
+        return torch.nn.functional.linear(xc, merged, b).to(out_dtype), x.new_empty(NO_TENSOR, dtype=cd)
     u = torch.nn.functional.linear(xc, A.to(cd))
     v = torch.nn.functional.linear((lambda_d * u).to(cd), B.to(cd))
     y = torch.nn.functional.linear(xc, W, b) + lambda_b * v
@@ -64,7 +60,7 @@ def vera_linear(
 def _(x, weight, bias, A, B, lambda_d, lambda_b, form, compute_dtype, out_dtype, conv1d):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
-    u_shape = (*x.shape[:-1], A.shape[0]) if form == "act" else _NO_TENSOR
+    u_shape = (*x.shape[:-1], A.shape[0]) if form == "act" else NO_TENSOR
     return y, x.new_empty(u_shape, dtype=compute_dtype)
 
 
@@ -106,10 +102,10 @@ def vera_linear_backward(
     """(dx, db, d lambda_d, d lambda_b); a gradient not in `needs` is empty."""
     need_x, need_b, need_d, need_bb = needs
     cd = compute_dtype
-    W, Ac, Bc = _w(weight, conv1d).to(cd), A.to(cd), B.to(cd)
+    W, Ac, Bc = base_weight(weight, conv1d).to(cd), A.to(cd), B.to(cd)
     x_shape = (*dy.shape[:-1], W.shape[1])
     dy2 = dy.flatten(0, -2)
-    dx, db, dd, dbb = (dy.new_empty(_NO_TENSOR) for _ in range(4))
+    dx, db, dd, dbb = (dy.new_empty(NO_TENSOR) for _ in range(4))
     if form == "weight":
         dyc = dy2.to(cd)
         if need_d or need_bb:
@@ -144,7 +140,7 @@ def vera_linear_backward(
 def _(dy, x, u, weight, bias, A, B, lambda_d, lambda_b, form, compute_dtype, conv1d, x_dtype, needs):
     need_x, need_b, need_d, need_bb = needs
     in_features = weight.shape[0] if conv1d else weight.shape[1]
-    empty = lambda: dy.new_empty(_NO_TENSOR)  # noqa: E731
+    empty = lambda: dy.new_empty(NO_TENSOR)  # noqa: E731
     dx = dy.new_empty((*dy.shape[:-1], in_features), dtype=x_dtype) if need_x else empty()
     db = bias.new_empty(bias.shape) if need_b else empty()
     dd = lambda_d.new_empty(lambda_d.shape) if need_d else empty()

@@ -1,0 +1,12 @@
+"""What every fxlora op shares: the placeholder for an output it does not produce, and W's layout."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+NO_TENSOR = (0,)  # shape of an output a form does not produce (custom ops return fixed arities)
+
+
+def base_weight(weight: Tensor, conv1d: bool) -> Tensor:
+    """W as (out, in): GPT-2's Conv1D stores it transposed (fan_in_fan_out)."""
+    return weight.t() if conv1d else weight
