@@ -49,6 +49,11 @@ class Config:
         naming the graph and input (fxlora/verify.py). The first thing to try when in doubt.
     scaling_form: "act", "recompute" or "weight": the form of every IA3/VeRA site where it
         exists and is legal (docs/ia3-vera.md); for tests and experiments.
+    form_guards: False (default): a choice between forms that depends on a dynamic size is
+        made at the size Dynamo traced with and installs no guard, so fxlora compiles exactly
+        the graphs Inductor would (no recompile storms under variable-length batches). True:
+        each such choice guards, so a shape crossing a cost threshold recompiles into the other
+        form (more graphs; Dynamo's recompile_limit still applies).
     compress: opt-in LOSSY compression of what backward keeps (docs/lossy.md), e.g.
         {"method": "velora", "sub_token": "D/32", "targets": ["v_proj", "down_proj"]}
         (the defaults, VeLoRA's). Needs `fxlora.velora.prepare(model, first_batch, compress)`
@@ -66,6 +71,7 @@ class Config:
     verify: bool = False
     scaling_form: Optional[str] = None
     compress: Optional[Mapping[str, Any]] = None
+    form_guards: bool = False
 
     def __post_init__(self):
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -80,7 +86,7 @@ class Config:
                 "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
             )
         object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
-        for flag in ("rewrite", "rematerialize", "verify"):
+        for flag in ("rewrite", "rematerialize", "verify", "form_guards"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"fxlora option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("objective", self.objective, OBJECTIVES)

@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from fxlora.config import Config
 from fxlora.cost.core import at, choose_form, price
-from fxlora.cost.guards import size_decider
+from fxlora.cost.guards import SizeDecider, size_decider
 from fxlora.graph.prove import Rejection
 from fxlora.graph.read import module_path, value
 from fxlora.kinds import KINDS
@@ -35,7 +35,7 @@ class KindResult:
 
 def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS) -> list[KindResult]:
     """Match, price, choose and rewrite every kind's sites in `gm` (in place)."""
-    decide = size_decider(gm)
+    decide = size_decider(gm, guard=config.form_guards)
     owner: dict[fx.Node, str] = {}
     results = []
     for kind in kinds:
@@ -74,7 +74,7 @@ def _claim(kind: Kind, match: Match, owner: dict[fx.Node, str]) -> Match:
     return Match(sites, rejections, match.linears)
 
 
-def _decide(kind: Kind, site, config: Config, decide) -> Decision:
+def _decide(kind: Kind, site, config: Config, decide: SizeDecider) -> Decision:
     device = value(site.nodes.x).device.type
     why_not = f"device {device} is not supported by fxlora's ops" if device not in ("cpu", "cuda") else ""
     why_not = why_not or kind.why_not(site, config)
@@ -83,12 +83,15 @@ def _decide(kind: Kind, site, config: Config, decide) -> Decision:
     shape = kind.shape(site, config)
     forms, note = kind.site_forms(site, shape, config)
     priced = price(forms, shape)
+    hinted = len(decide.at_hint)
     chosen, why = choose_form(
         priced, objective=config.objective, flop_budget=config.flop_budget if kind.flop_budget else None,
         decide=decide, forced=kind.forced(config),
     )
     if note and not chosen.form.lossy:
         why = f"{why}; {note}"
+    if len(decide.at_hint) > hinted:
+        why += f"; sizes compared at the traced {decide.hints()}, no guard (form_guards=False)"
     if chosen.form.traced:
         why += f" ({chosen.form.name}: the traced graph is kept as it is)"
     decision = Decision(kind.name, site.index, shape, priced, None, at(kind.peft_saved_bytes(shape), shape), why)
