@@ -186,7 +186,7 @@ def compress_targets(spec: Mapping[str, Any], module_path: Optional[str]) -> boo
 
 
 def json_object(text: str, what: str) -> dict:
-    """`text` parsed as a JSON object; a ValueError says what `what` must look like."""
+    """`text` parsed as a JSON object; a ValueError names `what` and says what it must look like."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -197,7 +197,7 @@ def json_object(text: str, what: str) -> dict:
 
 
 def _env_options() -> Any:
-    return json_object(os.environ[OPTIONS_ENV], f"{OPTIONS_ENV} (fxlora options)")
+    return json_object(os.environ[OPTIONS_ENV], OPTIONS_ENV)
 
 
 def check_mode(mode: Optional[str]) -> None:

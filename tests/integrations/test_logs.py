@@ -20,7 +20,7 @@ def test_set_logs_shows_decisions():
     finally:
         fxlora.set_logs(None)
     text = stream.getvalue()
-    assert "4 LoRA sites, 0 rewritten, 0 rejected" in text  # INFO: the graph summary
+    assert "4 LoRA sites on 8 linears, 0 rewritten, 0 rejected" in text  # INFO: the graph summary
     assert "site 0 not rewritten" in text  # INFO: each site left alone, with its reason
     assert "self_attn.q_proj [default]" in text  # DEBUG: the whole report
     assert logging.getLogger("fxlora").level == logging.NOTSET
@@ -34,4 +34,4 @@ def test_fxlora_log_environment_variable():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "FXLORA_LOG": "info"})
     assert result.returncode == 0, result.stderr
-    assert "INFO fxlora: graph 0/0: 0 LoRA sites" in result.stderr
+    assert "INFO fxlora: graph 0/0: 0 adapter sites" in result.stderr
