@@ -239,7 +239,7 @@ def test_model_without_adapters_is_a_logged_no_op():
     assert_same_step(ref, got, **FP32)
     report = fxlora.last_report()
     assert not report.sites and not rejections(report)
-    assert any("0 LoRA sites" in m for m in handler.messages), handler.messages
+    assert any("0 adapter sites" in m for m in handler.messages), handler.messages
 
 
 def test_plain_conv_stacks_and_embedding_projections_are_not_reported_as_adapters():
