@@ -6,6 +6,7 @@ Registered as the `fxlora` entry point of `torch_dynamo_backends` (pyproject.tom
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -13,12 +14,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from fxlora.checkpoint import region_summary, rewrite_checkpoint_regions
 from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
 from fxlora.explain import GraphReport, record
 from fxlora.verify import verify_first_call
 from fxlora.passes import (
-    find_ia3_sites, find_lora_sites, find_reft_sites, find_vera_sites, rewrite_lora_sites, rewrite_reft_sites,
+    Decision, find_ia3_sites, find_lora_sites, find_reft_sites, find_vera_sites, rewrite_lora_sites, rewrite_reft_sites,
     rewrite_scaling_sites,
 )
 
@@ -61,6 +63,7 @@ def compile_graph(
     original, before = gm, gm.code
     match, decisions, fallback = None, [], None
     scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, VeRA, then ReFT
+    regions = []  # fxlora.checkpoint.RegionReport per activation-checkpointed region
     unsupported = unsupported_parallelism(gm)
     try:
         if unsupported:
@@ -74,20 +77,13 @@ def compile_graph(
         # treats rewritten graphs as not Dynamo's and marks no static inputs (cudagraphs).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
-        match = find_lora_sites(candidate)
-        decisions = rewrite_lora_sites(candidate, match, config)
-        for find, rewrite in (  # IA3, VeRA, ReFT (docs/reft.md): same match -> price -> rewrite
-            (find_ia3_sites, rewrite_scaling_sites),
-            (find_vera_sites, rewrite_scaling_sites),
-            (find_reft_sites, rewrite_reft_sites),
-        ):
-            found = find(candidate)
-            scaling.append((found, rewrite(candidate, found, config)))
+        match, decisions, scaling = run_passes(candidate, config)
+        regions = rewrite_checkpoint_regions(candidate, run_passes, config)  # fxlora/checkpoint.py
         gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = unsupported or f"passes failed ({type(err).__name__}: {err})"
-        decisions, scaling = [], []
+        decisions, scaling, regions = [], [], []
     piece_note = ddp_piece_note() if split is None else None
     if piece_note:
         log.warning("fxlora: graph %s %s", compile_id, piece_note)
@@ -101,13 +97,16 @@ def compile_graph(
         decisions=decisions,
         scaling=scaling,
         notes=[piece_note] if piece_note else [],
+        regions=regions,
     )
     if match is not None:
         log.info(
-            "fxlora: graph %s: %d LoRA sites, %d rewritten, %d rejected",
+            "fxlora: graph %s: %d LoRA sites, %d rewritten, %d rejected%s",
             compile_id, len(match.sites), sum(d.rewritten for d in decisions), len(match.rejections),
+            region_summary(regions),
         )
-    rewritten = any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds)
+    rewritten = (any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds)
+                 or any(r.rewritten for r in regions))
     if run_with is not None:
         config = config.replace(inner=run_with, verify=False)
     remat = config.rematerialize and rewritten
@@ -139,8 +138,31 @@ def compile_graph(
             _dump(report, config.dump_graphs)
     if config.verify and rewritten:
         n = sum(d.rewritten for d in decisions) + sum(d.rewritten for _, ds in scaling for d in ds)
+        n += sum(r.rewritten for r in regions)
         compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
     return compiled
+
+
+def run_passes(gm: fx.GraphModule, config: Config, leave_alone: Optional[Callable] = None) -> tuple:
+    """Find, price and rewrite every adapter kind in `gm` (a graph, or a checkpoint body).
+
+    `leave_alone(lora_site)` names why a LoRA site must stay as traced ("" to rewrite it).
+    Returns (LoraMatch, [Decision], [(ScalingMatch, [ScalingDecision]) for IA3, VeRA, ReFT])."""
+    match = find_lora_sites(gm)
+    why = {s.index: leave_alone(s) for s in match.sites} if leave_alone else {}
+    kept = dataclasses.replace(match, sites=[s for s in match.sites if not why.get(s.index)])
+    decisions = rewrite_lora_sites(gm, kept, config)
+    decisions += [Decision(i, None, reason=reason) for i, reason in why.items() if reason]
+    decisions.sort(key=lambda d: d.site)
+    scaling = []
+    for find, rewrite in (  # IA3, VeRA, ReFT (docs/reft.md): same match -> price -> rewrite
+        (find_ia3_sites, rewrite_scaling_sites),
+        (find_vera_sites, rewrite_scaling_sites),
+        (find_reft_sites, rewrite_reft_sites),
+    ):
+        found = find(gm)
+        scaling.append((found, rewrite(gm, found, config)))
+    return match, decisions, scaling
 
 
 # Exceptions Dynamo raises through a backend to restart or skip the frame: signals, not failures.
@@ -191,6 +213,6 @@ def _compile_id() -> str:
 def _dump(report: GraphReport, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     stem = os.path.join(directory, "graph_" + report.compile_id.replace("/", "_").replace(" ", ""))
-    for suffix, text in (("before", report.graph_before), ("after", report.graph_after), ("report", str(report))):
+    for suffix, text in (("before", report.graph_before), ("after", report.graph_after), ("report", report.format(verbose=True))):
         with open(f"{stem}.{suffix}.txt", "w") as f:
             f.write(text)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 
 from fxlora.graph_utils import describe_size, dtype_name
-from fxlora.sites import LoraMatch, LoraSite
+from fxlora.sites import LoraMatch, LoraSite  # noqa: F401
 
 _RECENT: collections.deque = collections.deque(maxlen=64)
 
@@ -29,6 +29,7 @@ class GraphReport:
     notes: list[str] = field(default_factory=list)
     scaling: list = field(default_factory=list)  # (ScalingMatch, [ScalingDecision]) per adapter kind: IA3, VeRA, ReFT
     pieces: list[list[str]] = field(default_factory=list)  # DDP: each bucket sub-graph's fxlora op sites, in order
+    regions: list = field(default_factory=list)  # fxlora.checkpoint.RegionReport per checkpointed region
 
     @property
     def scaling_sites(self) -> list:
@@ -44,11 +45,19 @@ class GraphReport:
 
     @property
     def checkpointed_regions(self) -> int:
-        """Calls of Dynamo's activation-checkpoint HOP: subgraphs the passes do not descend into."""
+        """Calls of Dynamo's activation-checkpoint HOP (their bodies are searched too: `regions`)."""
         return self.graph_before.count("torch.ops.higher_order.tag_activation_checkpoint(")
 
+    @property
+    def region_sites(self) -> list:
+        return [s for r in self.regions for s in r.sites]
+
+    def format(self, verbose: bool = False) -> str:
+        """The summary line and the site table; `verbose` adds each form's candidates with their formulas."""
+        return "\n".join(_format_graph(self, verbose))
+
     def __str__(self) -> str:
-        return "\n".join(_format_graph(self))
+        return self.format()
 
 
 @dataclass
@@ -59,7 +68,8 @@ class Report:
 
     @property
     def sites(self) -> list[LoraSite]:
-        return [s for g in self.graphs for s in g.sites]
+        """Every LoRA site found, inside checkpointed regions too."""
+        return [s for g in self.graphs for s in (*g.sites, *g.region_sites)]
 
     @property
     def rejections(self):
@@ -74,10 +84,20 @@ class Report:
     def scaling_decisions(self) -> list:
         return [d for g in self.graphs for d in g.scaling_decisions]
 
-    def __str__(self) -> str:
+    def format(self, verbose: bool = False) -> str:
         if not self.graphs:
             return "fxlora: no graph compiled yet"
-        return "\n\n".join(str(g) for g in self.graphs)
+        return "\n\n".join(g.format(verbose) for g in self.graphs)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+class VerboseReport(Report):
+    """A Report that prints with every candidate form (what `verbose=True` returns)."""
+
+    def __str__(self) -> str:
+        return self.format(verbose=True)
 
 
 def record(report: GraphReport) -> None:
@@ -87,20 +107,24 @@ def record(report: GraphReport) -> None:
     log_report(report)
 
 
-def last_report() -> Report:
-    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first."""
-    return Report(list(_RECENT))
+def last_report(verbose: bool = False) -> Report:
+    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first.
+
+    Printing it shows the short form; `last_report(verbose=True)` (or `.format(verbose=True)`)
+    prints every form's candidates too."""
+    return VerboseReport(list(_RECENT)) if verbose else Report(list(_RECENT))
 
 
 def clear_reports() -> None:
     _RECENT.clear()
 
 
-def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:
+def explain(model: Any, *args: Any, options: Any = None, verbose: bool = False, **kwargs: Any) -> Report:
     """Trace `model(*args, **kwargs)` with Dynamo and report the adapter sites fxlora finds.
 
     Runs one forward pass (gradients enabled, so trainability is seen as in training);
-    nothing is compiled with Inductor and the model is not changed.
+    nothing is compiled with Inductor and the model is not changed. The report prints
+    short; `verbose=True` adds every form's candidates.
     """
     from fxlora.backend import compile_graph
     from fxlora.config import Config
@@ -121,7 +145,7 @@ def explain(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Repor
             "fxlora.explain traced no graph: the call ran without Dynamo compiling anything "
             "(is the model already compiled with another backend, or is torch._dynamo disabled?)"
         )
-    return Report(captured)
+    return VerboseReport(captured) if verbose else Report(captured)
 
 
 # --- formatting ---------------------------------------------------------------------
@@ -174,32 +198,118 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
     return [fmt(header), *map(fmt, rows)]
 
 
-def _format_graph(g: GraphReport) -> list[str]:
+def _format_graph(g: GraphReport, verbose: bool = False) -> list[str]:
     m = g.match
     head = f"fxlora graph {g.compile_id} ({g.num_nodes} nodes)"
     if m is None:
         return [head, f"  left untouched: {g.fallback}", *(f"  {note}" for note in g.notes), *_format_pieces(g)]
-    shared = sum(1 for members in m.input_groups.values() if len(members) > 1)
-    lines = [
-        f"{head}: {len(m.sites)} LoRA sites on {m.linears} linears, "
-        f"{shared} shared-input groups, {len(m.rejections)} rejected"
-    ]
-    if m.sites:
-        lines += _table([_site_row(s, m) for s in m.sites], _COLUMNS)
-    if m.rejections:
-        lines.append("  rejected (LoRA-like, not provably a site; left untouched):")
-        for r in m.rejections:
-            lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
-    if g.decisions:
-        lines += _format_decisions(g.decisions)
+    lines = [f"{head}: {_summary(g)}"]
+    lines += _lora_lines(m, g.decisions, verbose)
     for scaling_match, scaling_decisions in g.scaling:
-        lines += _format_scaling(scaling_match, scaling_decisions)
+        lines += _format_scaling(scaling_match, scaling_decisions, verbose)
     if g.fallback:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
     lines += _format_pieces(g)
-    if g.checkpointed_regions:
-        lines.append(f"  {checkpoint_note(g.checkpointed_regions)}")
+    lines += _format_regions(g, verbose)
+    return lines
+
+
+def _summary(g: GraphReport) -> str:
+    """One line: sites, rewritten, rejected, and what the rewritten sites save for backward vs PEFT."""
+    m = g.match
+    shared = sum(1 for members in m.input_groups.values() if len(members) > 1)
+    chosen = [d for d in (*g.decisions, *g.scaling_decisions) if d.rewritten and d.peft_saved_bytes is not None]
+    kinds = [f"{len(ms.sites)} {_kind_name(ms)} sites" for ms, _ in g.scaling if ms.sites]
+    text = (f"{len(m.sites)} LoRA sites on {m.linears} linears" + "".join(f", {k}" for k in kinds)
+            + f", {shared} shared-input groups, {sum(d.rewritten for d in (*g.decisions, *g.scaling_decisions))} rewritten, "
+            f"{len(m.rejections) + sum(len(ms.rejections) for ms, _ in g.scaling)} rejected")
+    if chosen:
+        ours = sum((d.chosen.saved_bytes for d in chosen), 0)
+        peft = sum((d.peft_saved_bytes for d in chosen), 0)
+        text += f"; saved for backward {_mib(ours)} vs PEFT {_mib(peft)}"
+    if g.regions:
+        text += f"; {len(g.regions)} checkpointed region(s): {sum(len(r.sites) + len(r.scaling_sites) for r in g.regions)} sites, " \
+                f"{sum(r.rewritten for r in g.regions)} rewritten"
+    return text
+
+
+def _kind_name(scaling_match) -> str:
+    return "/".join(sorted({_SCALING_KINDS[s.kind].split(" ")[0] for s in scaling_match.sites}))
+
+
+def _lora_lines(m: LoraMatch, decisions, verbose: bool) -> list[str]:
+    """The LoRA site table (with each site's chosen form when short), rejections, and in verbose the forms."""
+    lines = []
+    by_site = {d.site: d for d in decisions}
+    if m.sites and verbose:
+        lines += _table([_site_row(s, m) for s in m.sites], _COLUMNS)
+    elif m.sites:
+        rows = [(*_site_row(s, m)[:10], *_chosen_cells(by_site.get(s.index))) for s in m.sites]
+        lines += _table(rows, (*_COLUMNS[:10], "form", "saved", "PEFT saved", "note"))
+    if m.rejections:
+        lines.append("  rejected (LoRA-like, not provably a site; left untouched):")
+        for r in m.rejections:
+            lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
+    if decisions and verbose:
+        lines += _format_decisions(decisions)
+    elif _lossy_line(decisions):  # opt-in compression: said where nobody can miss it
+        lines.append(_lossy_line(decisions))
+    return lines
+
+
+def _chosen_cells(d) -> tuple[str, str, str, str]:
+    if d is None:
+        return ("-", "-", "-", "")
+    if d.chosen is None:
+        return ("-", "-", "-", "kept: " + d.reason)
+    lossy = "LOSSY, opted in: " if d.chosen.form.lossy else ""
+    return (d.chosen.form.name, _mib(d.chosen.saved_bytes), _mib(d.peft_saved_bytes), lossy)
+
+
+def _lossy_line(decisions) -> str:
+    lossy = [str(d.site) for d in decisions if d.chosen is not None and d.chosen.form.lossy]
+    return f"  LOSSY sites {','.join(lossy)}: opted in via `compress`; their lora_A gradients are approximate" if lossy else ""
+
+
+def _format_regions(g: GraphReport, verbose: bool) -> list[str]:
+    """Checkpointed regions: one line for all of them, then their sites (per region with `verbose`)."""
+    if not g.regions:
+        return [f"  {checkpoint_note(g.checkpointed_regions)}"] if g.checkpointed_regions else []
+    from fxlora.checkpoint import reentrant_setting
+
+    lines = [f"  {len(g.regions)} activation-checkpointed region(s) ({reentrant_setting(g.regions)}) searched: "
+             f"{sum(len(r.sites) + len(r.scaling_sites) for r in g.regions)} sites, {sum(r.rewritten for r in g.regions)} rewritten; "
+             "forms chosen by FLOPs (a region's forward runs again in backward and keeps only its inputs)"]
+    if verbose:
+        for r in g.regions:
+            lines.append(f"  region {r.body} (use_reentrant={r.use_reentrant}):"
+                         + (f" left untouched: {r.fallback}" if r.fallback else ""))
+            if r.match is not None:
+                lines += ["  " + line for line in _lora_lines(r.match, r.decisions, True)]
+                for scaling_match, scaling_decisions in r.scaling:
+                    lines += ["  " + line for line in _format_scaling(scaling_match, scaling_decisions, True)]
+        return lines
+    rows = []
+    for r in g.regions:
+        if r.fallback:
+            rows.append((r.body, "-", "-", "-", "-", "-", "-", "left untouched: " + r.fallback))
+        by_site = {d.site: d for d in r.decisions}
+        for s in r.sites:
+            form, _, _, note = _chosen_cells(by_site.get(s.index))
+            rows.append((r.body, s.module or s.nodes.add.name, "*".join(describe_size(t) for t in s.tokens) or "1",
+                         describe_size(s.in_features), describe_size(s.out_features), describe_size(s.rank), form, note))
+        for ms, ds in r.scaling:
+            by_scaling = {d.site: d for d in ds}
+            for s in ms.sites:
+                d = by_scaling.get(s.index)
+                rows.append((r.body, f"{s.module or s.nodes.out.name} ({_SCALING_KINDS[s.kind]})",
+                             "*".join(describe_size(t) for t in s.tokens) or "1", describe_size(s.in_features),
+                             describe_size(s.out_features), "-" if s.rank is None else describe_size(s.rank),
+                             "-" if d is None or d.chosen is None else d.chosen.form.name,
+                             "" if d is None or d.chosen is not None else "kept: " + d.reason))
+    if rows:
+        lines += _table(rows, ("region", "site", "tokens", "in", "out", "r", "form", "note"))
     return lines
 
 
@@ -218,9 +328,10 @@ def _format_pieces(g: GraphReport) -> list[str]:
 
 
 def checkpoint_note(regions: int) -> str:
+    """For graphs whose regions were not searched (the graph was left untouched)."""
     return (
-        f"{regions} activation-checkpointed region(s) (torch.utils.checkpoint, use_reentrant=False) not searched: "
-        "their LoRA sites run as traced (exact, recomputed in backward, not rewritten)"
+        f"{regions} activation-checkpointed region(s) (torch.utils.checkpoint) not searched: "
+        "their adapter sites run as traced (exact, recomputed in backward, not rewritten)"
     )
 
 
@@ -254,9 +365,8 @@ def _format_decisions(decisions) -> list[str]:
             ))
     lines = ["  forms (FLOPs of forward+backward; bytes this site saves for backward; PEFT's for comparison):"]
     lines += _table(rows, ("#", "form", "FLOPs", "saved", "PEFT saved", "why"))
-    lossy = [str(d.site) for d in decisions if d.chosen is not None and d.chosen.form.lossy]
-    if lossy:  # opt-in compression (docs/lossy.md): say it where nobody can miss it
-        lines.append(f"  LOSSY sites {','.join(lossy)}: opted in via `compress`; their lora_A gradients are approximate")
+    if _lossy_line(decisions):  # opt-in compression (docs/lossy.md): say it where nobody can miss it
+        lines.append(_lossy_line(decisions))
     # Candidates once per distinct site shape: formulas in T, i, o, r and their values here.
     for shape, group in _by_shape(decisions).items():
         d = group[0]
@@ -284,7 +394,7 @@ _SCALING_KINDS = {"ia3_out": "IA3 (output scaling)", "ia3_in": "IA3 (input scali
                   "loreft": "LoReFT", "direft": "DiReFT"}
 
 
-def _format_scaling(match, decisions) -> list[str]:
+def _format_scaling(match, decisions, verbose: bool = True) -> list[str]:
     if not match.sites and not match.rejections:
         return []
     by_site = {d.site: d for d in decisions}
@@ -311,6 +421,8 @@ def _format_scaling(match, decisions) -> list[str]:
                                "x read by", "form", "saved", "PEFT saved", "why"))
     for r in match.rejections:
         lines.append(f"    rejected {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
+    if not verbose:
+        return lines
     for shape, group in _by_shape(decisions).items():
         d = group[0]
         lines.append(

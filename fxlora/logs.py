@@ -69,8 +69,13 @@ def log_report(report) -> None:
         for r in report.match.rejections:
             log.info("fxlora: graph %s rejected %s%s: %s", report.compile_id, r.node,
                      f" in {r.module}" if r.module else "", r.reason)
-    if report.checkpointed_regions:
+    for region in report.regions:  # sites inside activation-checkpointed regions
+        for d in region.decisions:
+            if not d.rewritten:
+                log.info("fxlora: graph %s region %s site %d not rewritten: %s", report.compile_id, region.body,
+                         d.site, d.reason)
+    if report.checkpointed_regions and not report.regions:
         from fxlora.explain import checkpoint_note
 
         log.info("fxlora: graph %s: %s", report.compile_id, checkpoint_note(report.checkpointed_regions))
-    log.debug("fxlora: report of graph %s\n%s", report.compile_id, report)
+    log.debug("fxlora: report of graph %s\n%s", report.compile_id, report.format(verbose=True))
