@@ -125,7 +125,8 @@ class Config:
                     f"unknown fxlora option {unknown[0]!r}; allowed options: {', '.join(allowed)}, "
                     "or any key of torch._inductor.config (e.g. 'epilogue_fusion'), which goes to Inductor"
                 )
-            nested = dict(ours.get("inductor") or {}) if isinstance(ours.get("inductor"), Mapping) else None
+            given = ours.get("inductor", {})
+            nested = dict(given) if isinstance(given, Mapping) else None  # not a dict: __post_init__ says so
             if nested is not None:
                 clash = sorted(k for k in theirs if k in nested and nested[k] != theirs[k])
                 if clash:
