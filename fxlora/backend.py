@@ -18,6 +18,7 @@ from fxlora.checkpoint import region_summary, rewrite_checkpoint_regions
 from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
 from fxlora.explain import GraphReport, record
+from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.verify import verify_first_call
 from fxlora.passes import (
     Decision, find_ia3_sites, find_lora_sites, find_reft_sites, find_vera_sites, rewrite_lora_sites, rewrite_reft_sites,
@@ -61,6 +62,9 @@ def compile_graph(
     compiles the rewritten graph in pieces (DDP's buckets) instead of whole."""
     compile_id = _compile_id()
     original, before = gm, gm.code
+    notes = []
+    if not needs_backward(gm):  # fxlora/inference.py: eval/generate graphs
+        config, notes = config.replace(objective="flops"), [NO_BACKWARD_NOTE]
     match, decisions, fallback = None, [], None
     scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, VeRA, then ReFT
     regions = []  # fxlora.checkpoint.RegionReport per activation-checkpointed region
@@ -96,7 +100,7 @@ def compile_graph(
         fallback=fallback,
         decisions=decisions,
         scaling=scaling,
-        notes=[piece_note] if piece_note else [],
+        notes=notes + ([piece_note] if piece_note else []),
         regions=regions,
     )
     if match is not None:

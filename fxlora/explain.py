@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from fxlora.graph_utils import describe_size, dtype_name
+from fxlora.inference import NO_BACKWARD_NOTE
 from fxlora.sites import LoraMatch, LoraSite  # noqa: F401
 
 _RECENT: collections.deque = collections.deque(maxlen=64)
@@ -224,7 +225,7 @@ def _summary(g: GraphReport) -> str:
     text = (f"{len(m.sites)} LoRA sites on {m.linears} linears" + "".join(f", {k}" for k in kinds)
             + f", {shared} shared-input groups, {sum(d.rewritten for d in (*g.decisions, *g.scaling_decisions))} rewritten, "
             f"{len(m.rejections) + sum(len(ms.rejections) for ms, _ in g.scaling)} rejected")
-    if chosen:
+    if chosen and NO_BACKWARD_NOTE not in g.notes:
         ours = sum((d.chosen.saved_bytes for d in chosen), 0)
         peft = sum((d.peft_saved_bytes for d in chosen), 0)
         text += f"; saved for backward {_mib(ours)} vs PEFT {_mib(peft)}"
