@@ -62,8 +62,9 @@ def main() -> None:
 @click.option("--batch", type=int, default=1, show_default=True, help="batch size")
 @click.option("--options", callback=_json_object, default=None, metavar="JSON",
               help="fxlora options as for torch.compile(options=...), e.g. '{\"objective\": \"flops\"}'")
+@click.option("--verbose", is_flag=True, help="also every candidate form with its formulas")
 def explain(family, hidden, layers, heads, intermediate, vocab, hf_config, peft_config, rank, alpha, dropout,
-            targets, seq, batch, options) -> None:
+            targets, seq, batch, options, verbose) -> None:
     """Print the site report for a model + LoRA config: one traced forward, nothing compiled."""
     import fxlora
     from fxlora.bench import models
@@ -84,7 +85,7 @@ def explain(family, hidden, layers, heads, intermediate, vocab, hf_config, peft_
         peft = _read_json(peft_config)
         model = models.with_lora(model, family, **lora) if peft is None else _with_peft_config(model, peft)
         inputs = models.token_batch(batch, seq, vocab=model.config.vocab_size)
-    click.echo(fxlora.explain(model, options=options, **inputs))
+    click.echo(fxlora.explain(model, options=options, verbose=verbose, **inputs))
 
 
 def _model_from_hf_config(config: dict):

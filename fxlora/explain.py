@@ -264,8 +264,7 @@ def _chosen_cells(d) -> tuple[str, str, str, str]:
         return ("-", "-", "-", "")
     if d.chosen is None:
         return ("-", "-", "-", "kept: " + d.reason)
-    lossy = "LOSSY, opted in: " if d.chosen.form.lossy else ""
-    return (d.chosen.form.name, _mib(d.chosen.saved_bytes), _mib(d.peft_saved_bytes), lossy)
+    return (d.chosen.form.name, _mib(d.chosen.saved_bytes), _mib(d.peft_saved_bytes), d.reason if d.chosen.form.lossy else "")
 
 
 def _lossy_line(decisions) -> str:

@@ -13,7 +13,10 @@ def test_explain_prints_the_site_report():
     )
     assert result.exit_code == 0, result.output
     assert "7 LoRA sites on 8 linears" in result.output
-    assert "self_attn.q_proj [default]" in result.output and "forms (FLOPs" in result.output
+    assert "self_attn.q_proj [default]" in result.output and "forms (FLOPs" not in result.output  # short by default
+    verbose = CliRunner().invoke(main, ["explain", "--family", "llama", "--hidden", "64", "--layers", "1", "--verbose"])
+    assert verbose.exit_code == 0, verbose.output
+    assert "forms (FLOPs" in verbose.output and "candidates for sites" in verbose.output
 
 
 def test_explain_from_hf_and_peft_json(tmp_path):

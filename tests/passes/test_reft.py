@@ -83,7 +83,7 @@ def test_llama_o_proj_and_down_proj():
 
 def test_explain_shows_sites_and_candidates():
     model = attach_reft(Block(), ["o_proj"], kind="loreft", r=3)
-    text = str(fxlora.explain(model, torch.randn(2, 5, 12), options={"inner": "aot_eager"}))
+    text = str(fxlora.explain(model, torch.randn(2, 5, 12), options={"inner": "aot_eager"}, verbose=True))
     assert "LoReFT sites: 1" in text and "candidates for LoReFT sites 0" in text
     assert "act" in text and "weight" in text
 

@@ -82,12 +82,12 @@ def test_bf16_autocast(adapter):
     assert_same_step(ref, got, **BF16)
     decisions = _decisions()
     assert decisions and all(d.rewritten and d.chosen.form.name != "weight" for d in decisions)
-    assert "illegal" in str(fxlora.last_report())
+    assert "illegal" in str(fxlora.last_report(verbose=True))
 
 
 def test_explain_shows_candidates_and_choice():
     model = with_ia3(tiny_model("llama", layers=1), "llama")
-    text = str(fxlora.explain(model, **token_batch(1, 8), options={"inner": "aot_eager"}))
+    text = str(fxlora.explain(model, **token_batch(1, 8), options={"inner": "aot_eager"}, verbose=True))
     assert "IA3 sites: 3" in text and "candidates for IA3 (output scaling)" in text
     assert "recompute" in text and "weight" in text and "fewest saved bytes" in text
 
