@@ -13,6 +13,8 @@ def _checkpointed(use_reentrant, dropout=0.0, layers=2):
     model = with_lora(tiny_model("llama", layers=layers), "llama", r=4, dropout=dropout)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:  # transformers 4.x: reentrant checkpointing of a frozen base gets no gradient without it
+        model.enable_input_require_grads()
     model.train()
     return model
 
