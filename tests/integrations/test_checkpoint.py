@@ -72,6 +72,7 @@ def test_lora_dropout_in_a_region_is_kept_as_traced():
 
 
 @pytest.mark.inductor
+@pytest.mark.slow
 def test_checkpointed_regions_under_inductor_are_exact():
     model = _checkpointed(True, layers=1)
     batch = token_batch(2, 16)

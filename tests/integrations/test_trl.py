@@ -30,7 +30,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [
+    "sftconfig_defaults", pytest.param("fp32_no_checkpointing", marks=pytest.mark.slow),  # slow: keeps `make test` short
+])
 def test_sft_trainer_lora_under_fxlora(clean_environ, monkeypatch, tmp_path, case):
     overrides, loss_tolerance, weight_tolerance = CASES[case]
     checkpointing = overrides.get("gradient_checkpointing", True)
