@@ -228,7 +228,7 @@ def _summary(g: GraphReport) -> str:
     if chosen and NO_BACKWARD_NOTE not in g.notes:
         ours = sum((d.chosen.saved_bytes for d in chosen), 0)
         peft = sum((d.peft_saved_bytes for d in chosen), 0)
-        text += f"; saved for backward {_mib(ours)} vs PEFT {_mib(peft)}"
+        text += f"; saved for backward (cost model, sum over sites) {_mib(ours)} vs PEFT {_mib(peft)}"
     if g.regions:
         text += f"; {len(g.regions)} checkpointed region(s): {sum(len(r.sites) + len(r.scaling_sites) for r in g.regions)} sites, " \
                 f"{sum(r.rewritten for r in g.regions)} rewritten"
