@@ -50,3 +50,15 @@ def test_unchanged_trainer_script_trains_and_rewrites(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "14 adapter sites, 14 rewritten" in result.stderr, result.stderr[-4000:]
     assert "losses: [" in result.stdout
+
+
+@pytest.mark.slow
+def test_unchanged_trl_script_trains_and_rewrites(tmp_path):
+    """examples/trl_sft.py: SFTTrainer with SFTConfig's defaults (checkpointing on), no `import fxlora`."""
+    pytest.importorskip("trl")
+    script = ROOT / "examples" / "trl_sft.py"
+    imports = [line for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
+    assert not any("fxlora" in line for line in imports), imports
+    result = _python([script, "--steps", "2"], tmp_path, FXLORA_OPTIONS='{"inner": "aot_eager"}', FXLORA_LOG="info")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "14 adapter sites, 14 rewritten" in result.stderr, result.stderr[-4000:]
