@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all test-peft test-oldest bench install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -26,8 +26,24 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
+# PEFT's own torch.compile suite, offline (slow; docs/peft-suite.md). FXLORA_PEFT_SUITE_INNER=inductor for Inductor.
+test-peft: $(STAMP)
+	$(BIN)/python -m pytest tests/peft_suite -m slow
+
+# The oldest releases pyproject claims (constraints-oldest.txt), in their own venv; TRL's tests skip there.
+OLDEST := .venv-oldest
+$(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
+	test -d $(OLDEST) || $(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q torch==2.13.0
+	$(OLDEST)/bin/pip install -q -e ".[test,hf]" -c constraints-oldest.txt
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -m "not slow"
+
 bench: $(STAMP)
 	$(BIN)/python -m fxlora.bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST) *.egg-info .pytest_cache build

@@ -15,8 +15,9 @@ import torch.fx as fx
 
 from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
+from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.logs import log_report
-from fxlora.pipeline import run_kinds
+from fxlora.pipeline import run_pipeline
 from fxlora.report import GraphReport, record
 from fxlora.verify import verify_first_call
 
@@ -57,7 +58,10 @@ def compile_graph(
     compiles the rewritten graph in pieces (DDP's buckets) instead of whole."""
     compile_id = _compile_id()
     original, before = gm, gm.code
-    kinds, fallback = [], None
+    no_backward = not needs_backward(gm)  # eval / generate graphs (fxlora/inference.py)
+    if no_backward:
+        config = config.replace(objective="flops")
+    kinds, regions, fallback = [], [], None
     unsupported = unsupported_parallelism(gm)
     try:
         if unsupported:
@@ -71,12 +75,12 @@ def compile_graph(
         # treats rewritten graphs as not Dynamo's and marks no static inputs (cudagraphs).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
-        kinds = run_kinds(candidate, config)
+        kinds, regions = run_pipeline(candidate, config)
         gm = candidate
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = unsupported or f"passes failed ({type(err).__name__}: {err})"
-        kinds = []
+        kinds, regions = [], []
     piece_note = ddp_piece_note() if split is None else None
     if piece_note:
         log.warning("fxlora: graph %s %s", compile_id, piece_note)
@@ -86,10 +90,12 @@ def compile_graph(
         graph_before=before,
         graph_after=gm.code,
         kinds=kinds,
+        regions=regions,
         fallback=fallback,
-        notes=[piece_note] if piece_note else [],
+        notes=([NO_BACKWARD_NOTE] if no_backward else []) + ([piece_note] if piece_note else []),
+        no_backward=no_backward,
     )
-    rewritten = report.rewritten > 0
+    rewritten = report.rewritten + sum(r.rewritten for r in regions) > 0
     if run_with is not None:
         config = config.replace(inner=run_with, verify=False)
     remat = config.rematerialize and rewritten
@@ -124,7 +130,8 @@ def compile_graph(
         if config.dump_graphs:
             _dump(report, config.dump_graphs)
     if config.verify and rewritten:
-        compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({report.rewritten} rewritten sites)")
+        n = report.rewritten + sum(r.rewritten for r in regions)
+        compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
     return compiled
 
 

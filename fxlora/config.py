@@ -30,7 +30,8 @@ class Config:
         is what users want; "aot_eager" runs AOTAutograd without codegen (fast to
         compile, used by most tests); "eager" runs the rewritten graph as Python.
     inductor: Inductor config patches (keys of `torch._inductor.config`), applied
-        on top of what `mode=` implies, as `torch.compile(options=...)` would.
+        on top of what `mode=` implies, as `torch.compile(options=...)` would. Such keys
+        may also be given at the top level of `options` (as for backend="inductor").
     dump_graphs: a directory; each compiled graph is written there before and after
         fxlora's passes (`<compile id>.before.txt` / `.after.txt`).
     rewrite: replace LoRA sites by the chosen exact form (False: match and report only).
@@ -121,10 +122,24 @@ class Config:
                 f"fxlora options must be a dict or fxlora.Config, got {type(options).__name__}"
             )
         allowed = [f.name for f in fields(cls)]
-        for key in options:
-            if key not in allowed:
-                raise ValueError(f"unknown fxlora option {key!r}; allowed options: {', '.join(allowed)}")
-        return cls(**options)
+        ours = {k: v for k, v in options.items() if k in allowed}
+        theirs = {k: v for k, v in options.items() if k not in allowed}
+        if theirs:  # options that were valid for Inductor stay valid when the backend becomes fxlora
+            unknown = [k for k in theirs if k not in _inductor_keys()]
+            if unknown:
+                raise ValueError(
+                    f"unknown fxlora option {unknown[0]!r}; allowed options: {', '.join(allowed)}, "
+                    "or any key of torch._inductor.config (e.g. 'epilogue_fusion'), which goes to Inductor"
+                )
+            given = ours.get("inductor", {})
+            nested = dict(given) if isinstance(given, Mapping) else None  # not a dict: __post_init__ says so
+            if nested is not None:
+                clash = sorted(k for k in theirs if k in nested and nested[k] != theirs[k])
+                if clash:
+                    raise ValueError(f"Inductor option(s) {clash} given twice with different values "
+                                     "(at the top level and under 'inductor'); keep one")
+                ours["inductor"] = {**theirs, **nested}
+        return cls(**ours)
 
     def forced_form(self) -> Optional[tuple[int, int]]:
         found = re.fullmatch(r"f([12])/b([1-8])", self.force_form) if isinstance(self.force_form, str) else None

@@ -73,6 +73,12 @@ def log_report(report: GraphReport) -> None:
                 log.info("fxlora: graph %s %s site %d not rewritten: %s", graph, r.kind.title, d.site, d.reason)
         for x in r.match.rejections:
             log.info("fxlora: graph %s rejected %s%s: %s", graph, x.node, f" in {x.module}" if x.module else "", x.reason)
-    if report.checkpointed_regions:
+    for region in report.regions:  # sites inside activation-checkpointed regions
+        for r in region.kinds:
+            for d in r.decisions:
+                if not d.rewritten:
+                    log.info("fxlora: graph %s region %s %s site %d not rewritten: %s", graph, region.body,
+                             r.kind.title, d.site, d.reason)
+    if report.checkpointed_regions and not report.regions:
         log.info("fxlora: graph %s: %s", graph, checkpoint_note(report.checkpointed_regions))
     log.debug("fxlora: report of graph %s\n%s", graph, report.format(verbose=True))

@@ -4,17 +4,18 @@ A pass in the Inductor sense: a function over a GraphModule that returns what it
 counts it (`torch._dynamo.utils.counters["fxlora"]["<kind>_sites|_rewritten|_kept|_rejected"]`).
 Kinds run in registry order, each on the graph the kinds before it rewrote; a node that an
 earlier kind's site claims makes a later kind's site a Rejection naming the owner (first
-match wins, as PEFT's dispatchers do). `lint` and `recompile` run once, at the end.
+match wins, as PEFT's dispatchers do). `lint` and `recompile` run once, at the end. The same
+driver then runs on each activation-checkpoint body (fxlora/checkpoint.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from fxlora.checkpoint import DROPOUT_IN_REGION, checkpoint_bodies, copy_body, region_config
 from fxlora.config import Config
 from fxlora.cost.core import at, choose_form, price
 from fxlora.cost.guards import SizeDecider, size_decider
@@ -22,26 +23,25 @@ from fxlora.graph.prove import Rejection
 from fxlora.graph.read import module_path, value
 from fxlora.kinds import KINDS
 from fxlora.kinds.base import Decision, Kind, Match
+from fxlora.report import KindResult, RegionReport
 
 
-@dataclass
-class KindResult:
-    """One kind's pass over one graph: what it matched and what it decided for each site."""
-
-    kind: Kind
-    match: Match
-    decisions: list[Decision] = field(default_factory=list)
+def run_pipeline(gm: fx.GraphModule, config: Config) -> tuple[list[KindResult], list[RegionReport]]:
+    """Rewrite `gm` in place (the caller's copy): its own sites, then each checkpointed region's."""
+    return run_kinds(gm, config), rewrite_regions(gm, config)
 
 
-def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS) -> list[KindResult]:
-    """Match, price, choose and rewrite every kind's sites in `gm` (in place)."""
+def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
+              recomputed: bool = False) -> list[KindResult]:
+    """Match, price, choose and rewrite every kind's sites in `gm` (in place).
+
+    recomputed: `gm` is a checkpoint body, run again in backward (sites drawing random numbers stay)."""
     decide = size_decider(gm, guard=config.form_guards)
     owner: dict[fx.Node, str] = {}
     results = []
     for kind in kinds:
-        match = kind.find(gm)
-        match = _claim(kind, match, owner)
-        result = KindResult(kind, match, [_decide(kind, site, config, decide) for site in match.sites])
+        match = _claim(kind, kind.find(gm), owner)
+        result = KindResult(kind, match, [_decide(kind, site, config, decide, recomputed) for site in match.sites])
         chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
         if chosen:
             kind.rewrite_sites(gm, chosen)
@@ -55,6 +55,23 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS)
         gm.graph.lint()
         gm.recompile()
     return results
+
+
+def rewrite_regions(gm: fx.GraphModule, config: Config) -> list[RegionReport]:
+    """Run the kinds on a copy of every checkpoint body of `gm`; install the copies that changed."""
+    regions, inner = [], region_config(config)
+    for name, body, use_reentrant in list(checkpoint_bodies(gm)):
+        region = RegionReport(name, use_reentrant)
+        try:
+            copy = copy_body(body)
+            region.kinds = run_kinds(copy, inner, recomputed=True)
+        except Exception as err:  # a region the passes cannot handle runs as traced
+            region.kinds, region.fallback = [], f"passes failed ({type(err).__name__}: {err})"
+        else:
+            if region.rewritten:
+                setattr(gm, name, copy)
+        regions.append(region)
+    return regions
 
 
 def _claim(kind: Kind, match: Match, owner: dict[fx.Node, str]) -> Match:
@@ -74,9 +91,11 @@ def _claim(kind: Kind, match: Match, owner: dict[fx.Node, str]) -> Match:
     return Match(sites, rejections, match.linears)
 
 
-def _decide(kind: Kind, site, config: Config, decide: SizeDecider) -> Decision:
+def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: bool) -> Decision:
     device = value(site.nodes.x).device.type
     why_not = f"device {device} is not supported by fxlora's ops" if device not in ("cpu", "cuda") else ""
+    if recomputed and kind.draws_random(site):
+        why_not = why_not or DROPOUT_IN_REGION
     why_not = why_not or kind.why_not(site, config)
     if why_not:
         return Decision(kind.name, site.index, reason=why_not)

@@ -10,23 +10,24 @@ from __future__ import annotations
 import collections
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 _RECENT: collections.deque = collections.deque(maxlen=64)
 
 
 @dataclass
-class GraphReport:
-    """One Dynamo graph: each kind's sites, rejections and decisions, the graph before/after."""
+class KindResult:
+    """One kind's pass over one graph: what it matched and what it decided for each site."""
 
-    compile_id: str
-    num_nodes: int
-    graph_before: str
-    graph_after: str
-    kinds: list = field(default_factory=list)  # fxlora.pipeline.KindResult per kind, in pipeline order
-    fallback: Optional[str] = None  # why the graph was left untouched, when it was
-    notes: list[str] = field(default_factory=list)
-    pieces: list[list[str]] = field(default_factory=list)  # DDP: each bucket sub-graph's fxlora op sites, in order
+    kind: Any  # fxlora.kinds.base.Kind
+    match: Any  # fxlora.kinds.base.Match
+    decisions: list = field(default_factory=list)  # fxlora.kinds.base.Decision per site
+
+
+class _Results:
+    """Every kind's sites, decisions and rejections of one graph or region, flattened."""
+
+    kinds: list  # KindResult per kind, in pipeline order
 
     @property
     def sites(self) -> list:
@@ -44,9 +45,41 @@ class GraphReport:
     def rewritten(self) -> int:
         return sum(d.rewritten for d in self.decisions)
 
-    def result(self, kind: str):
+    def result(self, kind: str) -> Optional[KindResult]:
         """The KindResult of kind `kind` ("lora", "ia3", ...), or None when the passes did not run."""
         return next((r for r in self.kinds if r.kind.name == kind), None)
+
+
+@dataclass
+class RegionReport(_Results):
+    """One activation-checkpointed region (fxlora/checkpoint.py): what the pipeline did in its body."""
+
+    body: str  # the body's attribute name on the graph (wrap_body_0, ...)
+    use_reentrant: Optional[bool]  # as the model asked checkpoint for it; None when Dynamo did not record it
+    kinds: list = field(default_factory=list)
+    fallback: Optional[str] = None  # why the body was left untouched, when it was
+
+
+@dataclass
+class GraphReport(_Results):
+    """One Dynamo graph: each kind's sites, rejections and decisions, its checkpointed regions,
+    the graph before/after."""
+
+    compile_id: str
+    num_nodes: int
+    graph_before: str
+    graph_after: str
+    kinds: list = field(default_factory=list)
+    regions: list[RegionReport] = field(default_factory=list)
+    fallback: Optional[str] = None  # why the graph was left untouched, when it was
+    notes: list[str] = field(default_factory=list)
+    pieces: list[list[str]] = field(default_factory=list)  # DDP: each bucket sub-graph's fxlora op sites, in order
+    no_backward: bool = False  # gradients disabled: forms chosen by FLOPs, saved bytes do not apply
+
+    @property
+    def all_sites(self) -> list:
+        """Sites of the graph and of its checkpointed regions."""
+        return [*self.sites, *(s for r in self.regions for s in r.sites)]
 
     @property
     def checkpointed_regions(self) -> int:
@@ -68,11 +101,12 @@ class Report:
 
     @property
     def sites(self) -> list:
-        return [s for g in self.graphs for s in g.sites]
+        """Every site found, inside checkpointed regions too."""
+        return [s for g in self.graphs for s in g.all_sites]
 
     @property
     def decisions(self) -> list:
-        return [d for g in self.graphs for d in g.decisions]
+        return [d for g in self.graphs for d in (*g.decisions, *(d for r in g.regions for d in r.decisions))]
 
     @property
     def rejections(self) -> list:
@@ -100,9 +134,19 @@ def record(report: GraphReport) -> None:
     _RECENT.append(report)
 
 
-def last_report() -> Report:
-    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first."""
-    return Report(list(_RECENT))
+def last_report(verbose: bool = False) -> Report:
+    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first.
+
+    Printing it shows the short form; `last_report(verbose=True)` (or `.format(verbose=True)`)
+    prints every form's candidates too."""
+    return VerboseReport(list(_RECENT)) if verbose else Report(list(_RECENT))
+
+
+class VerboseReport(Report):
+    """A Report whose text includes every candidate form."""
+
+    def __str__(self) -> str:
+        return self.format(verbose=True)
 
 
 def clear_reports() -> None:
@@ -113,13 +157,17 @@ def clear_reports() -> None:
 
 
 def summary(g: GraphReport) -> str:
-    """One line: each kind's sites, rewritten and rejected, and the bytes saved against PEFT."""
+    """One line: each kind's sites, rewritten and rejected, the bytes saved against PEFT, and
+    what the checkpointed regions held."""
     parts = [kind_summary(r) for r in g.kinds if r.match.sites or r.match.rejections]
     line = "; ".join(parts) or "0 adapter sites"
-    ours = [d.chosen.saved_bytes for d in g.decisions if d.rewritten]
-    peft = [d.peft_saved_bytes for d in g.decisions if d.rewritten]
-    if ours:
-        line += f"; rewritten sites save {_mib(sum(ours))} for backward, PEFT's {_mib(sum(peft))}"
+    chosen = [d for d in g.decisions if d.rewritten and d.peft_saved_bytes is not None]
+    if chosen and not g.no_backward:
+        ours, peft = sum(d.chosen.saved_bytes for d in chosen), sum(d.peft_saved_bytes for d in chosen)
+        line += f"; saved for backward (cost model, sum over rewritten sites) {_mib(ours)} vs PEFT {_mib(peft)}"
+    if g.regions:
+        line += (f"; {len(g.regions)} checkpointed region(s): {sum(len(r.sites) for r in g.regions)} sites, "
+                 f"{sum(r.rewritten for r in g.regions)} rewritten")
     return line
 
 
@@ -142,8 +190,24 @@ def _format_graph(g: GraphReport, verbose: bool) -> list[str]:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
     lines += _format_pieces(g)
-    if g.checkpointed_regions:
-        lines.append(f"  {checkpoint_note(g.checkpointed_regions)}")
+    lines += _format_regions(g, verbose)
+    return lines
+
+
+def _format_regions(g: GraphReport, verbose: bool) -> list[str]:
+    """Checkpointed regions: one line for all, then each region's site tables."""
+    if not g.regions:
+        return [f"  {checkpoint_note(g.checkpointed_regions)}"] if g.checkpointed_regions else []
+    settings = sorted({r.use_reentrant for r in g.regions if r.use_reentrant is not None})
+    reentrant = "/".join(f"use_reentrant={v}" for v in settings) or "use_reentrant unknown"
+    lines = [f"  {len(g.regions)} activation-checkpointed region(s) ({reentrant}) searched: "
+             f"{sum(len(r.sites) for r in g.regions)} sites, {sum(r.rewritten for r in g.regions)} rewritten; "
+             "forms chosen by FLOPs (a region's forward runs again in backward and keeps only its inputs)"]
+    for region in g.regions:
+        lines.append(f"  region {region.body} (use_reentrant={region.use_reentrant}):"
+                     + (f" left untouched: {region.fallback}" if region.fallback else ""))
+        for r in region.kinds:
+            lines += ["  " + line for line in _format_kind(r, verbose)]
     return lines
 
 
@@ -173,7 +237,7 @@ def _format_kind(r, verbose: bool) -> list[str]:
 
 def _decision_cells(d) -> tuple[str, str, str, str]:
     if d is None or d.chosen is None:
-        return "-", "-", "-", "not rewritten: " + (d.reason if d is not None else "not priced")
+        return "-", "-", "-", "kept: " + (d.reason if d is not None else "not priced")
     return d.chosen.form.name, _mib(d.chosen.saved_bytes), _mib(d.peft_saved_bytes), d.reason
 
 
@@ -222,9 +286,10 @@ def _format_pieces(g: GraphReport) -> list[str]:
 
 
 def checkpoint_note(regions: int) -> str:
+    """For graphs whose regions were not searched (the graph was left untouched)."""
     return (
-        f"{regions} activation-checkpointed region(s) (torch.utils.checkpoint, use_reentrant=False) not searched: "
-        "their LoRA sites run as traced (exact, recomputed in backward, not rewritten)"
+        f"{regions} activation-checkpointed region(s) (torch.utils.checkpoint) not searched: "
+        "their adapter sites run as traced (exact, recomputed in backward, not rewritten)"
     )
 
 

@@ -43,3 +43,22 @@ def test_bad_mode_is_named():
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="fxlora", mode="fastest")
     with pytest.raises(Exception, match="'mode' must be one of 'default'"):
         compiled(torch.randn(2, 4))
+
+
+def test_inductor_keys_at_the_top_level_go_to_inductor():
+    """A script that passed options={"epilogue_fusion": True} to Inductor keeps working under fxlora."""
+    cfg = Config.from_options({"epilogue_fusion": True, "inner": "aot_eager"})
+    assert dict(cfg.inductor) == {"epilogue_fusion": True} and cfg.inner == "aot_eager"
+    both = Config.from_options({"epilogue_fusion": True, "inductor": {"max_autotune": False}})
+    assert dict(both.inductor) == {"epilogue_fusion": True, "max_autotune": False}
+    with pytest.raises(ValueError, match=r"\['epilogue_fusion'\] given twice"):
+        Config.from_options({"epilogue_fusion": True, "inductor": {"epilogue_fusion": False}})
+    with pytest.raises(ValueError, match="unknown fxlora option 'epilogue_fusio'.*any key of torch._inductor.config"):
+        Config.from_options({"epilogue_fusio": True})
+
+
+def test_top_level_inductor_option_compiles():
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="fxlora", options={"epilogue_fusion": True, "inner": "aot_eager"})
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(compiled(x), model(x))

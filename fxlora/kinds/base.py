@@ -76,6 +76,7 @@ class Kind:
     owned: Callable[[Any], tuple]  # site -> the nodes it claims (node ownership across kinds)
     row: Callable[[Any, Match], tuple[str, ...]]  # (site, match) -> explain's cells
     describe_shape: Callable[[Any], tuple[str, str]]  # shape -> (what, sizes) for the candidates heading
+    draws_random: Callable[[Any], bool] = lambda site: False  # its rewritten form draws random numbers
 
 
 # --- sites on one frozen layer: IA3, VeRA, ReFT -------------------------------------------

@@ -35,3 +35,14 @@ def test_fxlora_log_environment_variable():
                             env={**__import__("os").environ, "FXLORA_LOG": "info"})
     assert result.returncode == 0, result.stderr
     assert "INFO fxlora: graph 0/0: 0 adapter sites" in result.stderr
+
+
+def test_report_is_short_by_default_and_verbose_on_request():
+    """One summary line and the site table with chosen forms; candidate tables only with verbose=True."""
+    model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
+    report = fxlora.explain(model, **token_batch(2, 16), options={"inner": "aot_eager"})
+    short, verbose = str(report), report.format(verbose=True)
+    assert "7 LoRA sites on 8 linears" in short and "7 rewritten" in short and "vs PEFT" in short
+    assert any(line.lstrip().startswith("#") and "form" in line for line in short.splitlines()) and "candidates for" not in short
+    assert "candidates for sites" in verbose and "FLOPs formula" in verbose
+    assert "candidates for sites" in str(fxlora.explain(model, **token_batch(2, 16), options={"inner": "aot_eager"}, verbose=True))

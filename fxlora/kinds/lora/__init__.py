@@ -101,5 +101,5 @@ KIND = Kind(
              "x shared with"),
     flop_budget=True, find=find, why_not=why_not, shape=shape, site_forms=site_forms,
     peft_saved_bytes=peft_saved_bytes, forced=forced, rewrite_sites=rewrite, owned=owned, row=row,
-    describe_shape=describe_shape,
+    describe_shape=describe_shape, draws_random=lambda site: site.nodes.dropout is not None and site.dropout_p != 0.0,
 )

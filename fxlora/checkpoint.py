@@ -1,0 +1,54 @@
+"""Adapter sites inside activation checkpointing (`torch.utils.checkpoint`, HF `gradient_checkpointing_enable()`).
+
+Dynamo traces a checkpointed call, with either `use_reentrant` setting, as the higher-order
+op `tag_activation_checkpoint(body, *inputs, use_reentrant=...)`, whose body is a
+sub-GraphModule of the graph. The pipeline runs on each body like on a graph of its own,
+on a copy with the same signature (the untouched body stays with the untouched graph).
+
+What changes inside a region:
+- Its forward runs twice (once more in backward) and keeps only the region's inputs, so a
+  form's saved bytes buy nothing there: forms are chosen by FLOPs (`objective="flops"`).
+- A site whose rewritten form draws random numbers at call time (LoRA dropout) stays as
+  traced: the recompute would draw another mask than the forward used and backward would be
+  wrong (the failure of peft#3020). Sites without randomness are rewritten.
+- Lossy compression (`compress`) is not applied: its saved vector has nowhere to live.
+
+Reads the graph only; imports nothing of fxlora but its config.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.fx as fx
+
+from fxlora.config import Config
+
+CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
+
+DROPOUT_IN_REGION = "LoRA dropout in a checkpointed region: kept as traced (the recompute would draw another mask)"
+
+
+def checkpoint_bodies(gm: fx.GraphModule) -> Iterator[tuple[str, fx.GraphModule, Optional[bool]]]:
+    """(attribute name, body, use_reentrant) of every checkpoint call in `gm`."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not CHECKPOINT_HOP:
+            continue
+        body = node.args[0]
+        if isinstance(body, fx.Node) and body.op == "get_attr":
+            reentrant = node.kwargs.get("use_reentrant")
+            yield body.target, getattr(gm, body.target), reentrant if isinstance(reentrant, bool) else None
+
+
+def region_config(config: Config) -> Config:
+    """The options the pipeline gets inside a region: FLOPs decide, no lossy compression."""
+    return config.replace(objective="flops", compress=None)
+
+
+def copy_body(body: fx.GraphModule) -> fx.GraphModule:
+    """A node-for-node copy of a body to rewrite, sharing its attributes."""
+    graph = fx.Graph(owning_module=body, tracer_cls=body.graph._tracer_cls)
+    graph._codegen = body.graph._codegen
+    graph.output(graph.graph_copy(body.graph, {}))
+    return fx.GraphModule(body, graph)

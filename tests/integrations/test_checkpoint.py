@@ -1,0 +1,112 @@
+"""Adapter sites inside activation checkpointing (fxlora/checkpoint.py): found, rewritten, exact."""
+
+import pytest
+import torch
+
+import fxlora
+from fxlora.testing.models import tiny_model, token_batch, with_lora
+from fxlora.checkpoint import DROPOUT_IN_REGION
+from tests.helpers import assert_same_step, loss_and_grads
+
+
+def _checkpointed(use_reentrant, dropout=0.0, layers=2):
+    model = with_lora(tiny_model("llama", layers=layers), "llama", r=4, dropout=dropout)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:  # transformers 4.x: reentrant checkpointing of a frozen base gets no gradient without it
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _regions(report):
+    return [r for g in report.graphs for r in g.regions]
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_sites_in_checkpointed_layers_are_rewritten_and_exact(use_reentrant):
+    """HF gradient_checkpointing_enable(), both settings: Dynamo traces each layer as a checkpoint op."""
+    model = _checkpointed(use_reentrant)
+    batch = token_batch(2, 16)
+    ref = loss_and_grads(model, batch)
+    fxlora.clear_reports()
+    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), batch)
+    assert_same_step(ref, got)
+    report = fxlora.last_report()
+    regions = _regions(report)
+    assert len(regions) == 2 and all(r.use_reentrant is use_reentrant for r in regions)
+    assert sum(len(r.sites) for r in regions) == 14 and sum(r.rewritten for r in regions) == 14
+    assert len(report.sites) == 14
+    text = str(report)
+    assert f"2 activation-checkpointed region(s) (use_reentrant={use_reentrant}) searched: 14 sites, 14 rewritten" in text
+    assert "forms chosen by FLOPs" in text
+    verbose = report.format(verbose=True)
+    assert "region wrap_body_0" in verbose and "candidates for sites" in verbose
+
+
+def test_forms_in_regions_are_chosen_by_flops():
+    model = _checkpointed(False, layers=1)
+    fxlora.clear_reports()
+    loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), token_batch(2, 16))
+    for d in _regions(fxlora.last_report())[0].decisions:
+        cheapest = min(c.flops for c in d.candidates if c.form.legal)
+        assert d.chosen.flops == cheapest, d
+
+
+def test_lora_dropout_in_a_region_is_kept_as_traced():
+    """peft#3020's failure (a recompute drawing another mask) cannot happen: dropout sites stay as traced."""
+    model = _checkpointed(False, dropout=0.1)
+    batch = token_batch(2, 16)
+    torch.manual_seed(1)
+    ref = loss_and_grads(torch.compile(model, backend="aot_eager"), batch)
+    torch._dynamo.reset()
+    fxlora.clear_reports()
+    torch.manual_seed(1)
+    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), batch)
+    assert_same_step(ref, got)
+    regions = _regions(fxlora.last_report())
+    decisions = [d for r in regions for d in r.decisions]
+    assert len(decisions) == 14 and not any(d.rewritten for d in decisions)
+    assert all(d.reason == DROPOUT_IN_REGION for d in decisions)
+    assert "kept: LoRA dropout in a checkpointed region" in str(fxlora.last_report())
+
+
+@pytest.mark.inductor
+@pytest.mark.slow
+def test_checkpointed_regions_under_inductor_are_exact():
+    model = _checkpointed(True, layers=1)
+    batch = token_batch(2, 16)
+    ref = loss_and_grads(model, batch)
+    fxlora.clear_reports()
+    got = loss_and_grads(torch.compile(model, backend="fxlora"), batch)
+    assert_same_step(ref, got)
+    assert sum(r.rewritten for r in _regions(fxlora.last_report())) == 7
+
+
+def _saved_bytes(compiled, batch) -> int:
+    """Bytes (unique storages) the compiled step keeps for backward, as autograd's saved-tensor hooks see them."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch._subclasses.FakeTensor):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(**batch).loss
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_rewritten_regions_save_no_more_than_the_reference():
+    """A region keeps only its inputs, rewritten or not: fxlora's step saves what aot_eager's saves."""
+    model = _checkpointed(False)
+    batch = token_batch(2, 32)
+    saved = {}
+    for name, kwargs in (("reference", {"backend": "aot_eager"}),
+                         ("fxlora", {"backend": "fxlora", "options": {"inner": "aot_eager"}})):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, **kwargs)
+        _saved_bytes(compiled, batch)  # compiles
+        saved[name] = _saved_bytes(compiled, batch)
+    assert saved["fxlora"] <= saved["reference"], saved
