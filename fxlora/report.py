@@ -160,15 +160,14 @@ def summary(g: GraphReport) -> str:
     """One line: each kind's sites, rewritten and rejected, the bytes saved against PEFT, and
     what the checkpointed regions held."""
     parts = [kind_summary(r) for r in g.kinds if r.match.sites or r.match.rejections]
-    line = "; ".join(parts) or "0 adapter sites"
     chosen = [d for d in g.decisions if d.rewritten and d.peft_saved_bytes is not None]
     if chosen and not g.no_backward:
         ours, peft = sum(d.chosen.saved_bytes for d in chosen), sum(d.peft_saved_bytes for d in chosen)
-        line += f"; saved for backward (cost model, sum over rewritten sites) {_mib(ours)} vs PEFT {_mib(peft)}"
+        parts.append(f"saved for backward (cost model, sum over rewritten sites) {_mib(ours)} vs PEFT {_mib(peft)}")
     if g.regions:
-        line += (f"; {len(g.regions)} checkpointed region(s): {sum(len(r.sites) for r in g.regions)} sites, "
-                 f"{sum(r.rewritten for r in g.regions)} rewritten")
-    return line
+        parts.append(f"{len(g.regions)} checkpointed region(s): {sum(len(r.sites) for r in g.regions)} sites, "
+                     f"{sum(r.rewritten for r in g.regions)} rewritten")
+    return "; ".join(parts) or "0 adapter sites"
 
 
 def kind_summary(r) -> str:

@@ -68,7 +68,7 @@ def test_matching_failure_falls_back_to_untouched_graph(monkeypatch):
     def broken(gm, config):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(backend, "run_kinds", broken)
+    monkeypatch.setattr(backend, "run_pipeline", broken)
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
     batch = token_batch(1, 8)
     ref = loss_and_grads(model, batch)

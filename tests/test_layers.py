@@ -54,8 +54,11 @@ def test_no_import_cycle():
     ("fxlora.cost", ("fxlora.cost",)),
     ("fxlora.graph", ("fxlora.graph",)),
     ("fxlora.kinds", ("fxlora.kinds", "fxlora.cost", "fxlora.graph", "fxlora.ops", "fxlora.config")),
-    ("fxlora.pipeline", ("fxlora.kinds", "fxlora.cost", "fxlora.graph", "fxlora.config")),
+    ("fxlora.pipeline", ("fxlora.kinds", "fxlora.cost", "fxlora.graph", "fxlora.config", "fxlora.checkpoint",
+                         "fxlora.report")),
     ("fxlora.report", ()),
+    ("fxlora.checkpoint", ("fxlora.config",)),
+    ("fxlora.inference", ()),
     ("fxlora.bench.spec", ()),
     ("fxlora.bench.results", ("fxlora.bench.spec",)),
 ])

@@ -48,7 +48,7 @@ def test_unchanged_trainer_script_trains_and_rewrites(tmp_path):
     result = _python([EXAMPLE, "--steps", "2", "--checkpointing"], tmp_path,
                      FXLORA_OPTIONS='{"inner": "aot_eager"}', FXLORA_LOG="info")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "14 adapter sites, 14 rewritten" in result.stderr, result.stderr[-4000:]
+    assert "2 checkpointed region(s): 14 sites, 14 rewritten" in result.stderr, result.stderr[-4000:]
     assert "losses: [" in result.stdout
 
 
@@ -61,4 +61,4 @@ def test_unchanged_trl_script_trains_and_rewrites(tmp_path):
     assert not any("fxlora" in line for line in imports), imports
     result = _python([script, "--steps", "2"], tmp_path, FXLORA_OPTIONS='{"inner": "aot_eager"}', FXLORA_LOG="info")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "14 adapter sites, 14 rewritten" in result.stderr, result.stderr[-4000:]
+    assert "2 checkpointed region(s): 14 sites, 14 rewritten" in result.stderr, result.stderr[-4000:]

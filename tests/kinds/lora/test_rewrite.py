@@ -118,7 +118,7 @@ def test_dynamic_batch_crossing_the_threshold_recompiles_into_the_other_form():
     reports = []
     compiled = torch.compile(
         model, dynamic=True,
-        backend=lambda gm, ex: compile_graph(gm, ex, Config(inner="aot_eager", objective="flops"), on_report=reports.append),
+        backend=lambda gm, ex: compile_graph(gm, ex, Config(inner="aot_eager", objective="flops", form_guards=True), on_report=reports.append),
     )
     compiles_after = []
     for tokens in (4, 6, 4096, 3000, 5):
