@@ -16,6 +16,8 @@ import torch.fx as fx
 from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
 from fxlora.explain import GraphReport, record
+from fxlora.near_misses import find_near_misses
+from fxlora.normalize import normalize
 from fxlora.verify import verify_first_call
 from fxlora.passes import (
     find_ia3_sites, find_lora_sites, find_reft_sites, find_vera_sites, rewrite_lora_sites, rewrite_reft_sites,
@@ -61,6 +63,7 @@ def compile_graph(
     original, before = gm, gm.code
     match, decisions, fallback = None, [], None
     scaling = []  # (ScalingMatch, [ScalingDecision]) for IA3, VeRA, then ReFT
+    rules, near_misses = {}, []  # normalisation rules fired (docs/recognises.md); adapter-like layers no kind matched
     unsupported = unsupported_parallelism(gm)
     try:
         if unsupported:
@@ -74,6 +77,7 @@ def compile_graph(
         # treats rewritten graphs as not Dynamo's and marks no static inputs (cudagraphs).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
+        rules = normalize(candidate)
         match = find_lora_sites(candidate)
         decisions = rewrite_lora_sites(candidate, match, config)
         for find, rewrite in (  # IA3, VeRA, ReFT (docs/reft.md): same match -> price -> rewrite
@@ -83,7 +87,9 @@ def compile_graph(
         ):
             found = find(candidate)
             scaling.append((found, rewrite(candidate, found, config)))
-        gm = candidate
+        near_misses = find_near_misses(candidate, match, [m for m, _ in scaling])
+        # Normalising alone never changes what runs: without a rewritten site the traced graph is compiled.
+        gm = candidate if any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds) else gm
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = unsupported or f"passes failed ({type(err).__name__}: {err})"
@@ -101,6 +107,8 @@ def compile_graph(
         decisions=decisions,
         scaling=scaling,
         notes=[piece_note] if piece_note else [],
+        rules=rules,
+        near_misses=near_misses,
     )
     if match is not None:
         log.info(

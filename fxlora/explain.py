@@ -29,6 +29,8 @@ class GraphReport:
     notes: list[str] = field(default_factory=list)
     scaling: list = field(default_factory=list)  # (ScalingMatch, [ScalingDecision]) per adapter kind: IA3, VeRA, ReFT
     pieces: list[list[str]] = field(default_factory=list)  # DDP: each bucket sub-graph's fxlora op sites, in order
+    rules: dict = field(default_factory=dict)  # normalisation rule -> times fired (fxlora.normalize)
+    near_misses: list = field(default_factory=list)  # Rejection per adapter-like layer no kind matched
 
     @property
     def scaling_sites(self) -> list:
@@ -64,6 +66,11 @@ class Report:
     @property
     def rejections(self):
         return [r for g in self.graphs if g.match for r in g.match.rejections]
+
+    @property
+    def near_misses(self):
+        """Adapter-like layers no kind matched, with the rule that failed (fxlora.near_misses)."""
+        return [r for g in self.graphs for r in g.near_misses]
 
     @property
     def scaling_sites(self) -> list:
@@ -184,6 +191,7 @@ def _format_graph(g: GraphReport) -> list[str]:
         f"{head}: {len(m.sites)} LoRA sites on {m.linears} linears, "
         f"{shared} shared-input groups, {len(m.rejections)} rejected"
     ]
+    lines += _format_normalization(g)
     if m.sites:
         lines += _table([_site_row(s, m) for s in m.sites], _COLUMNS)
     if m.rejections:
@@ -201,6 +209,32 @@ def _format_graph(g: GraphReport) -> list[str]:
     if g.checkpointed_regions:
         lines.append(f"  {checkpoint_note(g.checkpointed_regions)}")
     return lines
+
+
+def _format_normalization(g: GraphReport) -> list[str]:
+    """The normalisation rules that fired, the canonical form each site was matched as (with the
+    rules that made it), and the adapter-like layers no kind matched (fxlora.normalize, near_misses)."""
+    from fxlora.normalize import CANONICAL, site_rules
+
+    lines = []
+    if g.rules:
+        lines.append("  normalised before matching: " + ", ".join(f"{k} x{v}" for k, v in g.rules.items()))
+    for kind, sites in _group_by_kind(g.sites + g.scaling_sites).items():
+        made = [f"site {s.index} ({', '.join(sorted(r))})" for s in sites if (r := site_rules(s))]
+        if made:
+            lines.append(f"  {kind} matched as {CANONICAL[kind]} after normalising: {', '.join(made)}")
+    if g.near_misses:
+        lines.append("  adapter-like, matched by no kind (left untouched):")
+        for r in g.near_misses:
+            lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
+    return lines
+
+
+def _group_by_kind(sites) -> dict:
+    groups: dict = {}
+    for s in sites:
+        groups.setdefault(s.kind, []).append(s)
+    return groups
 
 
 def _format_pieces(g: GraphReport) -> list[str]:

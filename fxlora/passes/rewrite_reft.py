@@ -84,7 +84,7 @@ def _why_not_rewritable(site: ScalingSite) -> str:
     if n.positions:
         return (f"position-restricted intervention (reads {n.read.name}, a slice of h): folding it into W "
                 "would apply it to every position; left as traced")
-    dtypes = {site.x_dtype, site.weight_dtype, site.vector_dtype, site.compute_dtype, site.out_dtype, value(n.R).dtype}
+    dtypes = {site.x_dtype, site.weight_dtype, site.vector_dtype, site.compute_dtype, site.out_dtype, value(n.Rt).dtype}
     if len(dtypes) > 1 or site.autocast:
         return "mixed dtypes or autocast: folding the intervention into W would change the rounding"
     if value(n.x).device.type not in ("cpu", "cuda"):
@@ -96,7 +96,7 @@ def _replace(graph: fx.Graph, site: ScalingSite) -> None:
     n = site.nodes
     mm = torch.matmul
     with graph.inserting_before(n.out):
-        Rt = graph.call_method("t", (n.R,))  # (d, r)
+        Rt = n.Rt  # (d, r), as the matched graph holds it
         U = graph.call_function(operator.sub, (n.W_L, n.R)) if site.kind == "loreft" else n.W_L
         W2 = graph.call_function(operator.add, (n.weight, graph.call_function(mm, (Rt, graph.call_function(mm, (U, n.weight))))))
         inner = graph.call_function(mm, (U, n.bias)) if n.bias is not None else None

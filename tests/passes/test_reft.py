@@ -152,7 +152,10 @@ def test_rewrite_gives_new_nodes_fake_values():
 
     seen = []
 
+    from fxlora.normalize import normalize
+
     def backend(gm, example_inputs):
+        normalize(gm)  # matchers read the canonical graph (`matmul(D, R)` is `linear(D, R.t())`)
         decisions = rewrite_reft_sites(gm, find_reft_sites(gm), Config(inner="aot_eager", scaling_form="weight"))
         seen.extend(d.rewritten for d in decisions)
         missing = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method") and value(n) is None]
