@@ -89,7 +89,8 @@ class _Ctx:
     def replace(self, node: fx.Node, new: Any) -> bool:
         """Every use of `node` reads `new`; `node` and whatever only it read are erased."""
         if isinstance(new, fx.Node):
-            new.meta["fxlora_rules"] = new.meta.get("fxlora_rules", set()) | node.meta.get("fxlora_rules", set()) | {self.rule}
+            made_by = node.meta.get("fxlora_rules", set()) | _rules_of((node.args, node.kwargs))  # what the rule consumed
+            new.meta["fxlora_rules"] = new.meta.get("fxlora_rules", set()) | made_by | {self.rule}
         node.replace_all_uses_with(new)
         inputs = node.all_input_nodes
         self.graph.erase_node(node)  # a rule replaces only pure nodes, or dropout that draws nothing (p=0, eval)
