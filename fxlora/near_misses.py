@@ -31,7 +31,7 @@ from fxlora.sites import LoraMatch, Rejection, ScalingMatch
 _WALK = 24  # nodes walked back from an operand before giving up on calling it a branch
 _PASS_THROUGH = ("view", "reshape", "flatten", "contiguous", "to", "float", "half", "bfloat16", "type", "t")
 _BINARY = (operator.add, operator.mul, operator.sub, operator.matmul, torch.add, torch.mul, torch.sub, torch.matmul,
-           operator.truediv, torch.div, torch.bmm, torch.mm)
+           operator.truediv, torch.div, torch.bmm, torch.mm, operator.iadd, operator.imul, operator.isub)
 
 
 def find_near_misses(gm: fx.GraphModule, lora: Optional[LoraMatch], scaling: Iterable[ScalingMatch]) -> list[Rejection]:
@@ -103,7 +103,15 @@ def _walk(start: fx.Node, stop: set, budget: int = _WALK) -> tuple[list[fx.Node]
             continue
         walked.append(m)
         stack.extend(m.all_input_nodes)
+        stack.extend(i for u in m.users if _mutates(u, m) for i in u.all_input_nodes)  # `R.add_(Q)`: R reads Q
     return walked, trainable, reached
+
+
+def _mutates(u: fx.Node, m: fx.Node) -> bool:
+    """`u` writes into `m` in place (`m.add_(...)`, `m[idx] = v`): what it writes is part of m's value."""
+    name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+    return bool(u.args) and u.args[0] is m and (
+        u.target is operator.setitem or (isinstance(name, str) and name.endswith("_") and not name.endswith("__")))
 
 
 def _op(n: fx.Node) -> str:

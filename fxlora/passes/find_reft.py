@@ -119,12 +119,13 @@ def _prove_chain(add: fx.Node, read: fx.Node, P: fx.Node):
     h = read
     if is_call(read, (operator.getitem,)):
         h, positions = read.args[0], True
-    layer = linear_layer(h)
-    if layer is None:
-        return None
-    x, weight, bias, base_kind, own = layer
     if not (requires_grad(WL) or requires_grad(Rt) or (bL is not None and requires_grad(bL))):
         return None
+    layer = linear_layer(h)
+    if layer is None:  # the intervention is proved; only its base is not in sight (pyvene's hooks break the graph)
+        raise NotASite(f"the intervened tensor h ({h.name}) is not a linear layer's output in this graph: "
+                       "folding needs W; left as traced")
+    x, weight, bias, base_kind, own = layer
     if base_kind != "linear":
         raise NotASite(f"the intervened layer is a {base_kind}; only nn.Linear outputs are matched")
     check_base(weight)
