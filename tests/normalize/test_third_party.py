@@ -136,3 +136,38 @@ def test_every_spelling_end_to_end_under_inductor():
     g = fxlora.last_report().graphs[0]
     assert sum(d.rewritten for d in g.decisions) == 3  # litgpt, minlora, torchtune
     assert [d.rewritten for d in g.scaling_decisions] == [True]  # pyreft's LoReFT
+
+
+class _Pyvene(nn.Module):
+    """pyreft through pyvene on a tiny HF Llama: `reft_model(base, unit_locations=...)` to a loss."""
+
+    def __init__(self, component: str, positions):
+        super().__init__()
+        pyreft = _import("pyreft")
+        from fxlora.bench.models import tiny_model
+
+        torch.manual_seed(0)
+        model = tiny_model("llama", layers=1, hidden=64)
+        model.requires_grad_(False)
+        intervention = pyreft.LoreftIntervention(embed_dim=64, low_rank_dimension=R, dtype=torch.float32)
+        cfg = pyreft.ReftConfig(representations={"layer": 0, "component": component, "low_rank_dimension": R,
+                                                 "intervention": intervention})
+        self.reft = pyreft.get_reft_model(model, cfg, set_device=False)
+        self.positions = positions
+
+    def forward(self, ids):
+        locations = [[self.positions] * ids.shape[0]]
+        _, out = self.reft({"input_ids": ids}, unit_locations={"sources->base": (None, locations)})
+        return out.logits.float().pow(2).mean()
+
+
+@pytest.mark.slow  # ten graphs through pyvene's hooks: minutes on a shared CPU (`make test-all`)
+@pytest.mark.parametrize("component, positions", [("mlp_output", list(range(8))), ("block_output", [0, 7])])
+def test_pyreft_through_pyvene_is_exact_and_says_why(component, positions):
+    """LoReFT on down_proj's output at every position, and pyreft's usual block_output at f1+l1: pyvene's
+    hooks break the graph between the layer and the intervention, so nothing folds; explain says so."""
+    model, ids = _Pyvene(component, positions), torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = fxlora.explain(model, ids)
+    reasons = [r.reason for g in report.graphs for m, _ in g.scaling for r in m.rejections]
+    assert any("not a linear layer's output in this graph" in r for r in reasons), reasons
+    assert_same_step(loss_and_grads(model, ids), _step(model, ids), **FP32)
