@@ -77,7 +77,7 @@ def compile_graph(
         # treats rewritten graphs as not Dynamo's and marks no static inputs (cudagraphs).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
-        rules = normalize(candidate)
+        rules = normalize(candidate, recompile=False)  # the rewrites below recompile the candidate they change
         match = find_lora_sites(candidate)
         decisions = rewrite_lora_sites(candidate, match, config)
         for find, rewrite in (  # IA3, VeRA, ReFT (docs/reft.md): same match -> price -> rewrite

@@ -53,6 +53,7 @@ class _Ctx:
              if getattr(value(n), "fake_mode", None) is not None), None)
         self.rule = ""
         self.seen: dict = {}  # same_weight: key -> first node computing it
+        self.weight: dict = {}  # same_weight: node -> computed from parameters and buffers only
         self.tainted: Optional[set] = None  # same_weight: nodes an in-place op may see change
 
     def emit(self, before: fx.Node, op: str, target: Any, args: tuple, kwargs: Optional[dict] = None,
@@ -244,7 +245,13 @@ def _chain_outer(lin) -> bool:
 
 
 def same_weight(ctx: _Ctx, n: fx.Node) -> bool:
-    if n.op not in ("call_function", "call_method") or _impure(n):
+    # computed from parameters and buffers only (inputs are visited first): cheap, and skips activations
+    if n.op in ("placeholder", "get_attr"):
+        ctx.weight[n] = n.op == "get_attr" or _param_like(n)
+        return False
+    ctx.weight[n] = weightlike = n.op in ("call_function", "call_method") and all(
+        ctx.weight.get(m, False) for m in n.all_input_nodes)
+    if not weightlike or _impure(n):
         return False
     try:
         key = (n.op, n.target, _freeze(n.args), _freeze(n.kwargs))
@@ -585,13 +592,16 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def normalize(gm: fx.GraphModule) -> dict[str, int]:
-    """Rewrite `gm` in place to the canonical spelling; return how often each rule fired."""
+def normalize(gm: fx.GraphModule, recompile: bool = True) -> dict[str, int]:
+    """Rewrite `gm` in place to the canonical spelling; return how often each rule fired.
+
+    `recompile=False` leaves gm's Python code stale (the backend's rewrites recompile what they change)."""
     ctx = _Ctx(gm)
     fired: dict[str, int] = {}
     for _ in range(_MAX_SWEEPS):
         changed = False
         ctx.seen.clear()
+        ctx.weight.clear()
         ctx.tainted = None
         for node in list(gm.graph.nodes):
             for rule in RULES:
@@ -609,7 +619,7 @@ def normalize(gm: fx.GraphModule) -> dict[str, int]:
                     break
         if not changed:
             break
-    if fired:
+    if fired and recompile:
         gm.graph.lint()
         gm.recompile()
     return fired
