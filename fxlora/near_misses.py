@@ -26,6 +26,7 @@ from fxlora.graph_utils import (
     LINEAR_TARGETS, arg, is_call, is_method, is_tensor_input, linear_layer, module_path, requires_grad, strip_casts,
     value,
 )
+from fxlora.normalize import param_like
 from fxlora.sites import LoraMatch, Rejection, ScalingMatch
 
 _WALK = 24  # nodes walked back from an operand before giving up on calling it a branch
@@ -230,14 +231,8 @@ def _input_side(layer: fx.Node) -> tuple[Optional[str], set]:
 
 
 def _depends_on_activation(n: fx.Node) -> bool:
-    """Whether `n` reads a graph input that is not a parameter-like tensor (an activation)."""
-    for m in _cone(n):
-        if m.op == "placeholder" and isinstance(value(m), torch.Tensor) and not requires_grad(m):
-            src = getattr(m, "_dynamo_source", None)
-            name = getattr(src, "name", lambda: "")() if callable(getattr(src, "name", None)) else str(src or m.name)
-            if "parameters" not in name and "buffers" not in name and "_parameters" not in m.name and "buffers" not in m.name:
-                return True
-    return False
+    """Whether `n` reads a graph input that is not a parameter or buffer (an activation)."""
+    return any(m.op == "placeholder" and not param_like(m) for m in _cone(n))
 
 
 __all__ = ["find_near_misses"]

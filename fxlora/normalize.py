@@ -247,7 +247,7 @@ def _chain_outer(lin) -> bool:
 def same_weight(ctx: _Ctx, n: fx.Node) -> bool:
     # computed from parameters and buffers only (inputs are visited first): cheap, and skips activations
     if n.op in ("placeholder", "get_attr"):
-        ctx.weight[n] = n.op == "get_attr" or _param_like(n)
+        ctx.weight[n] = n.op == "get_attr" or param_like(n)
         return False
     ctx.weight[n] = weightlike = n.op in ("call_function", "call_method") and all(
         ctx.weight.get(m, False) for m in n.all_input_nodes)
@@ -270,12 +270,12 @@ def same_weight(ctx: _Ctx, n: fx.Node) -> bool:
     cone = _cone(n)
     inputs = [m for m in cone if m.op == "placeholder"]
     # a trainable weight's computation (a parametrization), never an activation's
-    if cone & ctx.tainted or not all(map(_param_like, inputs)) or not any(bool(value(m).requires_grad) for m in inputs):
+    if cone & ctx.tainted or not all(map(param_like, inputs)) or not any(bool(value(m).requires_grad) for m in inputs):
         return False
     return ctx.replace(n, first)
 
 
-def _param_like(n: fx.Node) -> bool:
+def param_like(n: fx.Node) -> bool:
     """A parameter or buffer placeholder (Dynamo names them by their module attribute), not an activation."""
     name = str(n.target).lower()
     return "_parameters_" in name or "_buffers_" in name
