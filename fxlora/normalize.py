@@ -161,8 +161,10 @@ def _is_t(n) -> bool:
 
 
 def _scalar(s) -> bool:
-    """A Python number, or a 1-element tensor that needs no grad (a scale, not a parameter)."""
+    """A Python number, a symbolic one, or a 1-element tensor that needs no grad (a scale, not a parameter)."""
     if isinstance(s, numbers.Number) and not isinstance(s, bool):
+        return True
+    if isinstance(s, fx.Node) and isinstance(value(s), (torch.SymFloat, torch.SymInt)):  # dynamic=True: `S.item()`
         return True
     v = _t(s)
     return v is not None and v.numel() == 1 and v.dim() <= 1 and not v.requires_grad

@@ -312,3 +312,18 @@ def test_random_spellings_match_identically(a, b, s):
     assert (site.rank, site.in_features, site.out_features, site.base_kind) == (R, D_IN, D_OUT, "linear")
     assert float(site.scaling) == pytest.approx(S)
     assert_same_step(loss_and_grads(model, x), _compiled_step(model, x), **FP32)
+
+
+@pytest.mark.parametrize("name", ["litgpt", "scale_on_x", "minlora"])
+def test_dynamic_shapes(name):
+    """dynamic=True: sizes are symbols and a Python-float scale arrives as `S.item()` (a SymFloat)."""
+    model = minlora_model() if name == "minlora" else lora_spelling(name)
+    torch._dynamo.reset()
+    fxlora.clear_reports()
+    compiled = torch.compile(model, backend="fxlora", dynamic=True, options={"inner": "aot_eager"})
+    for tokens in (3, 7):
+        x = torch.randn(2, tokens, D_IN)
+        assert_same_step(loss_and_grads(model, x), loss_and_grads(compiled, x), **FP32)
+    graphs = fxlora.last_report().graphs
+    assert graphs and all(d.rewritten for g in graphs for d in g.decisions)
+    assert all(len(g.decisions) == (2 if name == "minlora" else 1) for g in graphs)
