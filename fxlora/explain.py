@@ -214,6 +214,7 @@ def _format_graph(g: GraphReport) -> list[str]:
 def _format_normalization(g: GraphReport) -> list[str]:
     """The normalisation rules that fired, the canonical form each site was matched as (with the
     rules that made it), and the adapter-like layers no kind matched (fxlora.normalize, near_misses)."""
+    from fxlora.near_misses import PREFIX
     from fxlora.normalize import CANONICAL, site_rules
 
     lines = []
@@ -226,7 +227,7 @@ def _format_normalization(g: GraphReport) -> list[str]:
     if g.near_misses:
         lines.append("  adapter-like, matched by no kind (left untouched):")
         for r in g.near_misses:
-            lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason}")
+            lines.append(f"    {r.node}" + (f" in {r.module}" if r.module else "") + f": {r.reason.removeprefix(PREFIX)}")
     return lines
 
 

@@ -29,6 +29,7 @@ from fxlora.graph_utils import (
 from fxlora.normalize import param_like
 from fxlora.sites import LoraMatch, Rejection, ScalingMatch
 
+PREFIX = "adapter-like, matched by no kind: "
 _WALK = 24  # nodes walked back from an operand before giving up on calling it a branch
 _PASS_THROUGH = ("view", "reshape", "flatten", "contiguous", "to", "float", "half", "bfloat16", "type", "t")
 _BINARY = (operator.add, operator.mul, operator.sub, operator.matmul, torch.add, torch.mul, torch.sub, torch.matmul,
@@ -60,7 +61,7 @@ def find_near_misses(gm: fx.GraphModule, lora: Optional[LoraMatch], scaling: Ite
             reason, evidence = _weight_side(n)
         if reason is None or {e.name for e in evidence} & rejected or n.name in rejected:
             continue
-        found.append(Rejection(n.name, module_path(n), "adapter-like, matched by no kind: " + reason))
+        found.append(Rejection(n.name, module_path(n), PREFIX + reason))
     return found
 
 
@@ -137,12 +138,9 @@ def _output_side(layer: fx.Node, stops: set) -> tuple[Optional[str], set]:
                 if not trainable:
                     continue
                 what = _branch_reason(other, walked, trainable, reached, layer)
-                return (f"h = {layer.name} meets {what} in {u.name} ({_op(u)}); no kind's canonical form "
-                        f"({_CANONICAL}) matches", {u, *walked})
+                return (f"h = {layer.name} meets {what} in {u.name} ({_op(u)}); no kind's canonical form matches "
+                        "(docs/recognises.md)", {u, *walked})
     return None, set()
-
-
-_CANONICAL = "LoRA h + linear(linear(x, A), B) * s, IA3 h * l, VeRA, ReFT h + linear(linear(h, W_L, b_L) - linear(h, R), R^T)"
 
 
 def _branch_reason(other: fx.Node, walked: list, trainable: list, reached: bool, layer: fx.Node) -> str:
