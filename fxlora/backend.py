@@ -87,7 +87,7 @@ def compile_graph(
         ):
             found = find(candidate)
             scaling.append((found, rewrite(candidate, found, config)))
-        near_misses = find_near_misses(candidate, match, [m for m, _ in scaling])
+        near_misses = find_near_misses(candidate, [match, *(m for m, _ in scaling)])
         # Normalising alone never changes what runs: without a rewritten site the traced graph is compiled.
         gm = candidate if any(d.rewritten for d in decisions) or any(d.rewritten for _, ds in scaling for d in ds) else gm
     except Exception as err:  # never the reason a training run dies: compile the untouched graph

@@ -17,7 +17,7 @@ layers that a kind already rejected (with its own reason) are not reported twice
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -27,7 +27,7 @@ from fxlora.graph_utils import (
     value,
 )
 from fxlora.normalize import param_like
-from fxlora.sites import LoraMatch, Rejection, ScalingMatch
+from fxlora.sites import Rejection
 
 PREFIX = "adapter-like, matched by no kind: "
 _WALK = 24  # nodes walked back from an operand before giving up on calling it a branch
@@ -36,15 +36,16 @@ _BINARY = (operator.add, operator.mul, operator.sub, operator.matmul, torch.add,
            operator.truediv, torch.div, torch.bmm, torch.mm, operator.iadd, operator.imul, operator.isub)
 
 
-def find_near_misses(gm: fx.GraphModule, lora: Optional[LoraMatch], scaling: Iterable[ScalingMatch]) -> list[Rejection]:
-    """Every unclaimed frozen linear that meets trainable tensors, as a Rejection with the reason."""
-    scaling = list(scaling)
+def find_near_misses(gm: fx.GraphModule, matches: Iterable[Any]) -> list[Rejection]:
+    """Every unclaimed frozen linear that meets trainable tensors, as a Rejection with the reason.
+
+    `matches`: every kind's match (anything with `.sites` and `.rejections`), after all matchers ran."""
+    matches = [m for m in matches if m is not None]
     claimed, stops = set(), set()
-    sites = list(lora.sites if lora else []) + [s for m in scaling for s in m.sites]
-    for s in sites:
+    for s in (s for m in matches for s in m.sites):
         claimed.add(s.nodes.layer_out)
         stops.add(s.nodes.add if hasattr(s.nodes, "add") else s.nodes.out)
-    rejected = {r.node for r in (lora.rejections if lora else [])} | {r.node for m in scaling for r in m.rejections}
+    rejected = {r.node for m in matches for r in m.rejections}
     layers = [n for n in gm.graph.nodes if is_call(n, LINEAR_TARGETS)]
     frozen = {n for n in layers if _frozen_layer(n)}
     stops |= frozen
