@@ -89,7 +89,7 @@ class _Ctx:
 
     def replace(self, node: fx.Node, new: Any) -> bool:
         """Every use of `node` reads `new`; `node` and whatever only it read are erased."""
-        if isinstance(new, fx.Node):
+        if isinstance(new, fx.Node) and "fxlora_rules" in new.meta:  # a node a rule made, not a traced one
             made_by = node.meta.get("fxlora_rules", set()) | _rules_of((node.args, node.kwargs))  # what the rule consumed
             new.meta["fxlora_rules"] = new.meta.get("fxlora_rules", set()) | made_by | {self.rule}
         node.replace_all_uses_with(new)
