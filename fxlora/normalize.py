@@ -376,9 +376,9 @@ def matmul_to_linear(ctx: _Ctx, n: fx.Node) -> bool:
     return ctx.replace(n, ctx.emit(n, "call_function", LINEAR, (x, W), like=n))
 
 
-def _einsum_projection(n: fx.Node) -> Optional[tuple[fx.Node, Any]]:
-    """(x, M) with the einsum = x @ M, M 2-D: `...i,ir->...r` (M as given) or `...i,ri->...r`
-    (M = t(the operand), returned as a transpose node to emit)."""
+def _einsum_projection(n: fx.Node) -> Optional[tuple[fx.Node, fx.Node, bool]]:
+    """(x, w, w_is_weight) for a projection einsum: `...i,ri->...r` is linear(x, w) (w is the
+    weight), `...i,ir->...r` is x @ w (the weight is t(w))."""
     if len(n.args) != 3 or not isinstance(n.args[0], str) or n.kwargs:
         return None
     eq, x, w = n.args
@@ -400,25 +400,15 @@ def _einsum_projection(n: fx.Node) -> Optional[tuple[fx.Node, Any]]:
     xv = _t(x)
     if xv is None or ("." not in xs_l and xv.dim() != len(xs_l)):
         return None
-    if ws[0] == k:  # ...i,ir: M is w itself
-        return x, w
-    return x, _Transposed(w)
+    return x, w, ws[1] == k
 
 
-class _Transposed:  # marker: einsum's weight read as (r, i), i.e. already the linear weight
-    def __init__(self, w):
-        self.w = w
-
-
-def _einsum_to_linear(ctx: _Ctx, n: fx.Node) -> bool:
+def einsum_to_linear(ctx: _Ctx, n: fx.Node) -> bool:
     proj = _einsum_projection(n) if is_call(n, (torch.einsum,)) else None
     if proj is None:
         return False
-    x, M = proj
-    if isinstance(M, _Transposed):
-        W = M.w
-    else:
-        W = M.args[0] if _is_t(M) else ctx.emit(n, "call_method", "t", (M,))
+    x, w, is_weight = proj
+    W = w if is_weight else w.args[0] if _is_t(w) else ctx.emit(n, "call_method", "t", (w,))
     return ctx.replace(n, ctx.emit(n, "call_function", LINEAR, (x, W), like=n))
 
 
@@ -526,7 +516,7 @@ def weight_side_lora(ctx: _Ctx, n: fx.Node) -> bool:
                 break
         if scale is None:
             continue
-        base = ctx.emit(n, "call_function", LINEAR, (x, W, b), grad=requires_grad_any(x, W, b))
+        base = ctx.emit(n, "call_function", LINEAR, (x, W, b), grad=_requires_grad_any(x, W, b))
         xa = ctx.emit(n, "call_function", LINEAR, (x, A))
         xab = ctx.emit(n, "call_function", LINEAR, (xa, B))
         branch = xab if isinstance(scale, numbers.Number) and scale == 1.0 else ctx.emit(
@@ -535,7 +525,7 @@ def weight_side_lora(ctx: _Ctx, n: fx.Node) -> bool:
     return False
 
 
-def requires_grad_any(*nodes) -> bool:
+def _requires_grad_any(*nodes) -> bool:
     return any(bool(getattr(value(m), "requires_grad", False)) for m in nodes if isinstance(m, fx.Node))
 
 
@@ -581,7 +571,7 @@ RULES: tuple[Rule, ...] = (
     Rule("matmul_to_linear", "`x @ M`, `matmul`, `mm`, with M 2-D: `linear(x, t(M))` "
          "(`x @ W.t()` is `linear(x, W)`)", matmul_to_linear),
     Rule("einsum_to_linear", "a projection einsum `...i,ri->...r` is `linear(x, W)`, `...i,ir->...r` is "
-         "`linear(x, t(M))`", _einsum_to_linear),
+         "`linear(x, t(M))`", einsum_to_linear),
     Rule("bias_into_linear", "`linear(x, W) + b` with b: (out,) a tensor input is `linear(x, W, b)`", bias_into_linear),
     Rule("add_alpha", "`torch.add(y, branch, alpha=s)` is `y + branch * s` (a low-rank branch)", add_alpha),
     Rule("scalar_last", "`s * y` is `y * s` for a scalar s", scalar_last),

@@ -30,7 +30,6 @@ from fxlora.graph_utils import (
 from fxlora.passes.find_ia3 import NotASite, check_base
 from fxlora.sites import Rejection, ScalingMatch, ScalingSite
 
-MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SUB_TARGETS = (operator.sub, torch.sub)
 
 

@@ -162,12 +162,6 @@ def test_every_rule_has_a_pair():
     assert all(r.comment for r in RULES)
 
 
-def _canonical_ops(gm):
-    """Ops after normalising, with the canonical spellings the rules emit folded to PEFT's:
-    `x * 2` (same_weight) stands for itself, the scale constant is not compared here."""
-    return _ops(gm)
-
-
 @pytest.mark.parametrize("rule", sorted(RULE_PAIRS))
 def test_rule_turns_spelling_into_canonical_and_keeps_values(rule):
     spelling, canonical = RULE_PAIRS[rule]
