@@ -171,3 +171,24 @@ def test_pyreft_through_pyvene_is_exact_and_says_why(component, positions):
     reasons = [r.reason for g in report.graphs for m, _ in g.scaling for r in m.rejections]
     assert any("not a linear layer's output in this graph" in r for r in reasons), reasons
     assert_same_step(loss_and_grads(model, ids), _step(model, ids), **FP32)
+
+
+@pytest.mark.parametrize("method, why", [
+    ("adalora", "computed in the graph (mul)"),  # A * E: the singular values scale A
+    ("boft", "its weight is computed in the graph"),  # the butterfly rotation of W
+    ("oft", "an input rotation"),  # R written in place (`R.add_`), applied to x by einsum
+])
+def test_peft_methods_no_kind_rewrites_are_near_misses(method, why):
+    """PEFT's AdaLoRA, BOFT and OFT were silent (0 sites, 0 rejections); now each adapted layer says why."""
+    peft = _import("peft")
+    from fxlora.bench.models import tiny_model, token_batch
+
+    cfg = {"adalora": lambda: peft.AdaLoraConfig(r=4, target_modules=["q_proj", "v_proj"], total_step=10),
+           "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"]),
+           "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj", "v_proj"])}[method]()
+    model = peft.get_peft_model(tiny_model("llama", layers=1), cfg)
+    report = fxlora.explain(model, **token_batch(2, 8))
+    assert not report.sites and not report.scaling_sites
+    misses = report.near_misses
+    assert len(misses) >= 2, misses  # q_proj and v_proj each
+    assert any(why in m.reason for m in misses), [m.reason for m in misses]
