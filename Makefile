@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU build on this machine's disk meets the package's torch>=2.6
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# pyreft 0.1.0 pins transformers 4.45 and pulls wandb etc.: its intervention modules need none of it
+	$(BIN)/pip install -q --no-deps pyreft==0.1.0 pyvene==0.1.8
 	touch $(STAMP)
 
 install: $(STAMP)

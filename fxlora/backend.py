@@ -17,7 +17,7 @@ from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
 from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.logs import log_report
-from fxlora.pipeline import run_pipeline
+from fxlora.pipeline import PipelineResult, run_pipeline
 from fxlora.report import GraphReport, record
 from fxlora.verify import verify_first_call
 
@@ -61,7 +61,7 @@ def compile_graph(
     no_backward = not needs_backward(gm)  # eval / generate graphs (fxlora/inference.py)
     if no_backward:
         config = config.replace(objective="flops")
-    kinds, regions, fallback = [], [], None
+    result, fallback = PipelineResult([]), None
     unsupported = unsupported_parallelism(gm)
     try:
         if unsupported:
@@ -75,12 +75,13 @@ def compile_graph(
         # treats rewritten graphs as not Dynamo's and marks no static inputs (cudagraphs).
         if hasattr(gm, "_param_name_to_source"):
             candidate._param_name_to_source = gm._param_name_to_source
-        kinds, regions = run_pipeline(candidate, config)
-        gm = candidate
+        result = run_pipeline(candidate, config)
+        # Normalising alone never changes what runs: without a rewritten site the traced graph is compiled.
+        gm = candidate if result.rewritten else gm
     except Exception as err:  # never the reason a training run dies: compile the untouched graph
         log.warning("fxlora: graph %s left untouched (%s: %s)", compile_id, type(err).__name__, err)
         fallback = unsupported or f"passes failed ({type(err).__name__}: {err})"
-        kinds, regions = [], []
+        result = PipelineResult([])
     piece_note = ddp_piece_note() if split is None else None
     if piece_note:
         log.warning("fxlora: graph %s %s", compile_id, piece_note)
@@ -89,13 +90,15 @@ def compile_graph(
         num_nodes=len(gm.graph.nodes),
         graph_before=before,
         graph_after=gm.code,
-        kinds=kinds,
-        regions=regions,
+        kinds=result.kinds,
+        regions=result.regions,
+        rules=result.rules,
+        near_misses=result.near_misses,
         fallback=fallback,
         notes=([NO_BACKWARD_NOTE] if no_backward else []) + ([piece_note] if piece_note else []),
         no_backward=no_backward,
     )
-    rewritten = report.rewritten + sum(r.rewritten for r in regions) > 0
+    rewritten = gm is not original
     if run_with is not None:
         config = config.replace(inner=run_with, verify=False)
     remat = config.rematerialize and rewritten
@@ -130,8 +133,7 @@ def compile_graph(
         if config.dump_graphs:
             _dump(report, config.dump_graphs)
     if config.verify and rewritten:
-        n = report.rewritten + sum(r.rewritten for r in regions)
-        compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({n} rewritten sites)")
+        compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({result.rewritten} rewritten sites)")
     return compiled
 
 

@@ -1,4 +1,5 @@
-"""The one driver: every adapter kind goes find -> own -> check -> price -> choose -> rewrite.
+"""The one driver: normalise, then every adapter kind goes find -> own -> check -> price ->
+choose -> rewrite, then the near misses no kind claimed are named.
 
 A pass in the Inductor sense: a function over a GraphModule that returns what it did and
 counts it (`torch._dynamo.utils.counters["fxlora"]["<kind>_sites|_rewritten|_kept|_rejected"]`).
@@ -10,6 +11,7 @@ driver then runs on each activation-checkpoint body (fxlora/checkpoint.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx as fx
@@ -23,12 +25,34 @@ from fxlora.graph.prove import Rejection
 from fxlora.graph.read import module_path, value
 from fxlora.kinds import KINDS
 from fxlora.kinds.base import Decision, Kind, Match
+from fxlora.near_misses import find_near_misses
+from fxlora.normalize import normalize, site_rules
 from fxlora.report import KindResult, RegionReport
 
 
-def run_pipeline(gm: fx.GraphModule, config: Config) -> tuple[list[KindResult], list[RegionReport]]:
-    """Rewrite `gm` in place (the caller's copy): its own sites, then each checkpointed region's."""
-    return run_kinds(gm, config), rewrite_regions(gm, config)
+@dataclass
+class PipelineResult:
+    """What the pipeline did to one graph."""
+
+    kinds: list[KindResult]
+    regions: list[RegionReport] = field(default_factory=list)
+    rules: dict[str, int] = field(default_factory=dict)  # normalisation rule -> times fired
+    near_misses: list[Rejection] = field(default_factory=list)  # adapter-like layers no kind matched
+
+    @property
+    def rewritten(self) -> int:
+        return sum(d.rewritten for r in self.kinds for d in r.decisions) + sum(r.rewritten for r in self.regions)
+
+
+def run_pipeline(gm: fx.GraphModule, config: Config) -> PipelineResult:
+    """Rewrite `gm` in place (the caller's copy): normalise it (fxlora/normalize.py, docs/recognises.md),
+    rewrite every kind's sites, name the near misses, then do the same in each checkpointed region."""
+    rules = normalize(gm, recompile=False)  # run_kinds recompiles when it rewrites
+    kinds = run_kinds(gm, config)
+    result = PipelineResult(kinds, rewrite_regions(gm, config), rules, find_near_misses(gm, [r.match for r in kinds]))
+    if rules and result.rewritten and not any(d.rewritten for r in kinds for d in r.decisions):
+        gm.recompile()  # only regions changed: the normalised graph runs, so its code must be current
+    return result
 
 
 def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
@@ -41,7 +65,8 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
     results = []
     for kind in kinds:
         match = _claim(kind, kind.find(gm), owner)
-        result = KindResult(kind, match, [_decide(kind, site, config, decide, recomputed) for site in match.sites])
+        result = KindResult(kind, match, [_decide(kind, site, config, decide, recomputed) for site in match.sites],
+                            {s.index: sorted(site_rules(s)) for s in match.sites if site_rules(s)})
         chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
         if chosen:
             kind.rewrite_sites(gm, chosen)
@@ -64,6 +89,7 @@ def rewrite_regions(gm: fx.GraphModule, config: Config) -> list[RegionReport]:
         region = RegionReport(name, use_reentrant)
         try:
             copy = copy_body(body)
+            normalize(copy, recompile=False)
             region.kinds = run_kinds(copy, inner, recomputed=True)
         except Exception as err:  # a region the passes cannot handle runs as traced
             region.kinds, region.fallback = [], f"passes failed ({type(err).__name__}: {err})"

@@ -22,6 +22,7 @@ class KindResult:
     kind: Any  # fxlora.kinds.base.Kind
     match: Any  # fxlora.kinds.base.Match
     decisions: list = field(default_factory=list)  # fxlora.kinds.base.Decision per site
+    normalised: dict = field(default_factory=dict)  # site index -> normalisation rules that made its nodes
 
 
 class _Results:
@@ -75,6 +76,8 @@ class GraphReport(_Results):
     notes: list[str] = field(default_factory=list)
     pieces: list[list[str]] = field(default_factory=list)  # DDP: each bucket sub-graph's fxlora op sites, in order
     no_backward: bool = False  # gradients disabled: forms chosen by FLOPs, saved bytes do not apply
+    rules: dict = field(default_factory=dict)  # normalisation rule -> times fired (fxlora/normalize.py)
+    near_misses: list = field(default_factory=list)  # Rejection per adapter-like layer no kind matched
 
     @property
     def all_sites(self) -> list:
@@ -111,6 +114,11 @@ class Report:
     @property
     def rejections(self) -> list:
         return [r for g in self.graphs for r in g.rejections]
+
+    @property
+    def near_misses(self) -> list:
+        """Adapter-like layers no kind matched, with the rule that failed (fxlora/near_misses.py)."""
+        return [r for g in self.graphs for r in g.near_misses]
 
     def sites_of(self, kind: str) -> list:
         return [s for g in self.graphs if g.result(kind) for s in g.result(kind).match.sites]
@@ -183,8 +191,13 @@ def _format_graph(g: GraphReport, verbose: bool) -> list[str]:
     if not g.kinds:
         return [head, f"  left untouched: {g.fallback}", *(f"  {note}" for note in g.notes), *_format_pieces(g)]
     lines = [f"{head}: {summary(g)}"]
+    if g.rules:
+        lines.append("  normalised before matching: " + ", ".join(f"{k} x{v}" for k, v in g.rules.items()))
     for r in g.kinds:
         lines += _format_kind(r, verbose)
+    if g.near_misses:
+        lines.append("  adapter-like, matched by no kind (left untouched):")
+        lines += [f"    {x.node}" + (f" in {x.module}" if x.module else "") + f": {x.reason}" for x in g.near_misses]
     if g.fallback:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
@@ -218,6 +231,9 @@ def _format_kind(r, verbose: bool) -> list[str]:
     if not m.sites and not m.rejections:
         return []
     lines = [f"  {r.kind.title} sites, matched as {r.kind.canonical}:"] if m.sites else []
+    if r.normalised:
+        made = ", ".join(f"site {i} ({', '.join(rules)})" for i, rules in r.normalised.items())
+        lines.append(f"  {r.kind.name} matched as {r.kind.canonical} after normalising: {made}")
     by_site = {d.site: d for d in r.decisions}
     rows = [(*r.kind.row(site, m), *_decision_cells(by_site.get(site.index))) for site in m.sites]
     if rows:

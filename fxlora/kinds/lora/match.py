@@ -145,10 +145,11 @@ def _unsupported_layer_adapters(graph: fx.Graph) -> list[Rejection]:
                 "Conv1D bases; kept as graph ops",
             ))
         elif (
-            is_call(node, _MATMUL_TARGETS)
+            is_call(node, _MATMUL_TARGETS + LINEAR_TARGETS)
             and is_call(node.args[0], _EMBEDDING_TARGETS)
             and not is_tensor_input(arg(node.args[0], 1, "weight"))  # PEFT looks up rows of A^T, not a weight
-            and _low_rank_pair(arg(node.args[0], 1, "weight"), node.args[1], transposed_inner=True)
+            and _low_rank_pair(arg(node.args[0], 1, "weight"), node.args[1], transposed_inner=True,
+                               linear_outer=is_call(node, LINEAR_TARGETS))  # normalised: linear(., B)
         ):
             found.append(Rejection(
                 node.name, module_path(node),
@@ -158,12 +159,14 @@ def _unsupported_layer_adapters(graph: fx.Graph) -> list[Rejection]:
     return found
 
 
-def _low_rank_pair(inner, outer, *, pointwise_outer=False, transposed_inner=False) -> bool:
+def _low_rank_pair(inner, outer, *, pointwise_outer=False, transposed_inner=False, linear_outer=False) -> bool:
     """Inner weight maps in -> r, outer r -> out, with r below both: a plain CNN's conv(conv(x))
     or an embedding followed by a projection is not an adapter."""
     A, B = value(inner), value(outer)
     if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or A.dim() < 2 or B.dim() < 2:
         return False
+    if linear_outer:  # B as a linear's weight (out, r): read it as the matmul operand B^T
+        B = B.t()
     r, n_in = (A.shape[1], A.shape[0]) if transposed_inner else (A.shape[0], A.shape[1])
     n_out = B.shape[1] if transposed_inner else B.shape[0]
     rank_in = B.shape[0] if transposed_inner else B.shape[1]

@@ -1,6 +1,6 @@
 """ReFT interventions on a frozen linear layer's output (LoReFT, DiReFT): the kind contract.
 
-    out = h + matmul(linear(h, W_L, b_L) - linear(h, R), R)       h = linear(x, W, b)
+    out = h + linear(linear(h, W_L, b_L) - linear(h, R), R^T)       h = linear(x, W, b)
 
 Its user modules (`fxlora.reft`: LoReFT/DiReFT interventions to attach) live in `modules`.
 """
@@ -19,7 +19,7 @@ def why_not(site: LayerSite, config) -> str:
     if n.positions:
         return (f"position-restricted intervention (reads {n.read.name}, a slice of h): folding it into W "
                 "would apply it to every position; left as traced")
-    dtypes = {site.x_dtype, site.weight_dtype, site.vector_dtype, site.compute_dtype, site.out_dtype, value(n.R).dtype}
+    dtypes = {site.x_dtype, site.weight_dtype, site.vector_dtype, site.compute_dtype, site.out_dtype, value(n.Rt).dtype}
     if len(dtypes) > 1 or site.autocast:
         return "mixed dtypes or autocast: folding the intervention into W would change the rounding"
     return ""
@@ -35,7 +35,7 @@ def forced(config):
 
 
 KIND = layer_kind(
-    name="reft", title="ReFT", canonical="h + matmul(linear(h, W_L, b_L) - linear(h, R), R),  h = linear(x, W, b)",
+    name="reft", title="ReFT", canonical="h + linear(linear(h, W_L, b_L) - linear(h, R), R^T),  h = linear(x, W, b)",
     find=find, why_not=why_not, shape=shape, forms=candidate_forms, peft_saved_bytes=peft_saved_bytes,
     rewrite_sites=rewrite, forced=forced,
 )

@@ -27,7 +27,7 @@ def _replace(graph: fx.Graph, site: LayerSite) -> None:
     n = site.nodes
     mm = torch.matmul
     with inserting_before(n.out) as inserted:
-        Rt = graph.call_method("t", (n.R,))  # (d, r)
+        Rt = n.Rt  # (d, r), as the matched graph holds it
         U = graph.call_function(operator.sub, (n.W_L, n.R)) if site.kind == "loreft" else n.W_L
         W2 = graph.call_function(operator.add, (n.weight, graph.call_function(mm, (Rt, graph.call_function(mm, (U, n.weight))))))
         inner = graph.call_function(mm, (U, n.bias)) if n.bias is not None else None

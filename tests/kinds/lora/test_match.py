@@ -126,7 +126,8 @@ class _TrainableBase(HandLoRALinear):
 
 class _OtherInput(HandLoRALinear):
     def forward(self, x):
-        return self.base(x) + self.scale * self.up(self.down(x * 2))
+        # not `x * 2`: a scale on x is one more scale of the same site (fxlora.normalize)
+        return self.base(x) + self.scale * self.up(self.down(torch.tanh(x)))
 
 
 class _SharedDropout(HandLoRALinear):

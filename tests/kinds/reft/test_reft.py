@@ -146,14 +146,16 @@ def test_bf16_weight_form_is_illegal():
 
 def test_rewrite_gives_new_nodes_fake_values():
     """kinds/README.md: later passes and explain read shapes from every node."""
-    from fxlora.kinds import reft
     from fxlora.config import Config
     from fxlora.graph.read import value
+    from fxlora.kinds import reft
+    from fxlora.normalize import normalize
     from fxlora.pipeline import run_kinds
 
     seen = []
 
     def backend(gm, example_inputs):
+        normalize(gm)  # matchers read the canonical graph (`matmul(D, R)` is `linear(D, R.t())`)
         (result,) = run_kinds(gm, Config(inner="aot_eager", scaling_form="weight"), [reft.KIND])
         seen.extend(d.rewritten for d in result.decisions)
         missing = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method") and value(n) is None]
