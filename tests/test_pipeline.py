@@ -11,7 +11,7 @@ import fxlora
 from fxlora.config import Config
 from fxlora.graph.read import value
 from fxlora.kinds import KINDS
-from fxlora.pipeline import run_kinds
+from fxlora.pipeline import run_kinds, run_pipeline
 from fxlora.reft import attach_reft
 from fxlora.testing.models import tiny_model, token_batch, with_ia3, with_lora, with_vera
 from tests.helpers import compiled, loss_and_grads
@@ -46,13 +46,14 @@ def test_every_kind_is_counted(kind):
 
 @pytest.mark.parametrize("kind", ["lora", "ia3", "vera", "reft"])
 def test_every_inserted_node_has_a_fake_value(kind):
+    """Normalisation and every kind's rewrite: no node they add lacks its fake value."""
     model, batch = _model(kind)
     missing, rewritten = [], []
 
     def backend(gm, example_inputs):
         traced = set(gm.graph.nodes)
-        results = run_kinds(gm, Config(inner="aot_eager", scaling_form="weight" if kind == "reft" else None))
-        rewritten.extend(d.rewritten for r in results for d in r.decisions)
+        result = run_pipeline(gm, Config(inner="aot_eager", scaling_form="weight" if kind == "reft" else None))
+        rewritten.extend(d.rewritten for r in result.kinds for d in r.decisions)
         missing.extend(n.name for n in gm.graph.nodes if n not in traced and value(n) is None)
         return gm.forward
 

@@ -96,7 +96,7 @@ def describe_shape(s: LoraShape) -> tuple[str, str]:
 
 
 KIND = Kind(
-    name="lora", title="LoRA", canonical="linear(x, W, b) + s * linear(linear(drop(x), A), B)",
+    name="lora", title="LoRA", canonical="linear(x, W, b) + linear(linear(drop(x), A), B) * s",
     columns=("#", "site", "base", "tokens", "in", "out", "r", "dtype", "trains", "dropout", "scale", "bias",
              "x shared with"),
     flop_budget=True, find=find, why_not=why_not, shape=shape, site_forms=site_forms,
