@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 
 from fxlora.graph.read import (
-    LINEAR_TARGETS, arg, is_call, is_method, is_tensor_input, linear_layer, module_path, requires_grad, strip_casts,
-    value,
+    LINEAR_TARGETS, ancestors, arg, is_call, is_method, is_tensor_input, linear_layer, module_path, requires_grad,
+    strip_casts, value,
 )
 from fxlora.normalize import param_like
 from fxlora.graph.prove import Rejection
@@ -78,15 +78,6 @@ def _trainable_input(n) -> bool:
     return is_tensor_input(n) and requires_grad(n)
 
 
-def _cone(n: fx.Node) -> set:
-    seen, stack = set(), [n]
-    while stack:
-        m = stack.pop()
-        if m not in seen:
-            seen.add(m)
-            stack.extend(m.all_input_nodes)
-    return seen
-
 
 def _walk(start: fx.Node, stop: set, budget: int = _WALK) -> tuple[list[fx.Node], list[fx.Node], bool]:
     """(nodes walked, trainable tensor inputs met, reached `stop`) going back from `start`."""
@@ -122,7 +113,7 @@ def _op(n: fx.Node) -> str:
 
 
 def _output_side(layer: fx.Node, stops: set) -> tuple[Optional[str], set]:
-    h_cone = _cone(layer)
+    h_cone = ancestors(layer)
     outs = [layer]
     for u in list(layer.users):  # h as a cast or view reads it
         if is_method(u, _PASS_THROUGH) and u.args[0] is layer:
@@ -191,7 +182,7 @@ def _weight_side(lin: fx.Node) -> tuple[Optional[str], set]:
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         return None, set()
     walked, trainable, _ = _walk(Wn, set())
-    frozen = [m for m in _cone(Wn) if is_tensor_input(m) and not requires_grad(m) and value(m).dtype.is_floating_point
+    frozen = [m for m in ancestors(Wn) if is_tensor_input(m) and not requires_grad(m) and value(m).dtype.is_floating_point
               and value(m).numel() == W.numel()]
     if not trainable or not frozen:
         return None, set()
@@ -231,7 +222,7 @@ def _input_side(layer: fx.Node) -> tuple[Optional[str], set]:
 
 def _depends_on_activation(n: fx.Node) -> bool:
     """Whether `n` reads a graph input that is not a parameter or buffer (an activation)."""
-    return any(m.op == "placeholder" and not param_like(m) for m in _cone(n))
+    return any(m.op == "placeholder" and not param_like(m) for m in ancestors(n))
 
 
 __all__ = ["find_near_misses"]

@@ -33,7 +33,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from fxlora.graph.read import (
-    ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, arg, is_call, is_method, is_tensor_input, value,
+    ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, ancestors, arg, is_call, is_method, is_tensor_input,
+    value,
 )
 
 LINEAR = torch._C._nn.linear
@@ -269,7 +270,7 @@ def same_weight(ctx: _Ctx, n: fx.Node) -> bool:
         return False
     if ctx.tainted is None:
         ctx.tainted = _tainted(ctx.graph)
-    cone = _cone(n)
+    cone = ancestors(n)
     inputs = [m for m in cone if m.op == "placeholder"]
     # a trainable weight's computation (a parametrization), never an activation's
     if cone & ctx.tainted or not all(map(param_like, inputs)) or not any(bool(value(m).requires_grad) for m in inputs):
@@ -295,15 +296,6 @@ def _freeze(x):
     return x
 
 
-def _cone(n: fx.Node) -> set:
-    seen, stack = set(), [n]
-    while stack:
-        m = stack.pop()
-        if m not in seen:
-            seen.add(m)
-            stack.extend(m.all_input_nodes)
-    return seen
-
 
 def _tainted(graph: fx.Graph) -> set:
     """Everything an in-place op's operand depends on: values that may change between two reads."""
@@ -313,7 +305,7 @@ def _tainted(graph: fx.Graph) -> set:
             name = m.target if isinstance(m.target, str) else getattr(m.target, "__name__", "")
             if _RANDOM.search(name or "") and not m.kwargs.get("inplace") and not name.endswith("_"):
                 continue
-            out |= _cone(m.args[0])
+            out |= ancestors(m.args[0])
     return out
 
 

@@ -31,6 +31,12 @@ def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     return loss.detach(), grads
 
 
+def step(model, batch, seed=1):
+    """One forward/backward from a fixed RNG state, so dropout draws the same masks on both sides."""
+    torch.manual_seed(seed)
+    return loss_and_grads(model, batch)
+
+
 def assert_same_step(ref, got, rtol=1e-5, atol=1e-6):
     (loss_ref, g_ref), (loss_got, g_got) = ref, got
     torch.testing.assert_close(loss_got, loss_ref, rtol=rtol, atol=atol)

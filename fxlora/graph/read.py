@@ -171,3 +171,14 @@ def rebuildable(x: fx.Node) -> bool:
 def needs_grad(node: Any) -> bool:
     """Whether `node` requires grad, True when its value is unknown (assume a gradient flows)."""
     return bool(getattr(value(node), "requires_grad", True))
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node it is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        m = stack.pop()
+        if m not in seen:
+            seen.add(m)
+            stack.extend(m.all_input_nodes)
+    return seen

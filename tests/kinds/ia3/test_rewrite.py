@@ -7,16 +7,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora.testing.models import tiny_model, token_batch, with_ia3, with_vera
-from tests.helpers import BF16, FP32, assert_same_step, compiled, loss_and_grads
-
-
-
-def _step(model, batch, **options):
-    if options is not None and options.get("compile", True):
-        options.pop("compile", None)
-        model = compiled(model, **options)
-    torch.manual_seed(1)
-    return loss_and_grads(model, batch)
+from tests.helpers import BF16, FP32, assert_same_step, compiled, step
 
 
 def _decisions():
@@ -28,9 +19,9 @@ def _decisions():
 def test_ia3_every_form_equals_eager_peft(family, form):
     model = with_ia3(tiny_model(family, layers=1), family)
     batch = token_batch(2, 16)
-    ref = _step(model, batch, compile=False)
+    ref = step(model, batch)
     fxlora.clear_reports()
-    assert_same_step(ref, _step(model, batch, scaling_form=form), **FP32)
+    assert_same_step(ref, step(compiled(model, scaling_form=form), batch), **FP32)
     decisions = _decisions()
     assert {d.shape.kind for d in decisions} == {"ia3_out", "ia3_in"} and all(d.rewritten for d in decisions)
     if form:  # recompute exists for output scaling only
@@ -47,9 +38,9 @@ def test_llama_with_bias_all_linears():
     for form in ("weight", "recompute"):
         model = with_ia3(tf.LlamaForCausalLM(cfg), "llama")
         batch = token_batch(2, 8)
-        ref = _step(model, batch, compile=False)
+        ref = step(model, batch)
         fxlora.clear_reports()
-        assert_same_step(ref, _step(model, batch, scaling_form=form), **FP32)
+        assert_same_step(ref, step(compiled(model, scaling_form=form), batch), **FP32)
         assert all(s.has_bias for s in fxlora.last_report().sites)
 
 
@@ -60,9 +51,9 @@ def test_bf16_autocast(adapter):
     model = (with_ia3 if adapter == "ia3" else with_vera)(tiny_model("llama", layers=1), "llama")
     batch = token_batch(2, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = _step(model, batch, compile=False)
+        ref = step(model, batch)
         fxlora.clear_reports()
-        got = _step(model, batch, scaling_form="weight")
+        got = step(compiled(model, scaling_form="weight"), batch)
     assert_same_step(ref, got, **BF16)
     decisions = _decisions()
     assert decisions and all(d.rewritten and d.chosen.form.name != "weight" for d in decisions)

@@ -1,19 +1,10 @@
 """VeRA rewrites against eager PEFT: each form, Llama and GPT-2 Conv1D; where they must not fire."""
 
 import pytest
-import torch
 
 import fxlora
 from fxlora.testing.models import tiny_model, token_batch, with_vera
-from tests.helpers import FP32, assert_same_step, compiled, loss_and_grads
-
-
-def _step(model, batch, **options):
-    if options is not None and options.get("compile", True):
-        options.pop("compile", None)
-        model = compiled(model, **options)
-    torch.manual_seed(1)
-    return loss_and_grads(model, batch)
+from tests.helpers import FP32, assert_same_step, compiled, step
 
 
 def _decisions():
@@ -25,9 +16,9 @@ def _decisions():
 def test_vera_every_form_equals_eager_peft(family, form):
     model = with_vera(tiny_model(family, layers=1), family, r=4)
     batch = token_batch(2, 16)
-    ref = _step(model, batch, compile=False)
+    ref = step(model, batch)
     fxlora.clear_reports()
-    assert_same_step(ref, _step(model, batch, scaling_form=form), **FP32)
+    assert_same_step(ref, step(compiled(model, scaling_form=form), batch), **FP32)
     decisions = _decisions()
     assert decisions and all(d.kind == "vera" and d.shape.kind == "vera" and d.rewritten for d in decisions)
     if form:
@@ -37,7 +28,7 @@ def test_vera_every_form_equals_eager_peft(family, form):
 def test_vera_with_trainable_A_or_dropout_is_rejected():
     model = with_vera(tiny_model("llama", layers=1), "llama", dropout=0.1)
     fxlora.clear_reports()
-    _step(model, token_batch(1, 8))
+    step(compiled(model), token_batch(1, 8))
     report = fxlora.last_report()
     assert not report.sites
     assert "dropout" in str(report)
