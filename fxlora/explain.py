@@ -9,7 +9,7 @@ import torch
 from fxlora.backend import compile_graph
 from fxlora.config import Config
 from fxlora.distributed import splits_after_rewrite
-from fxlora.report import GraphReport, Report
+from fxlora.report import GraphReport, Report, VerboseReport
 
 
 def explain(model: Any, *args: Any, options: Any = None, verbose: bool = False, **kwargs: Any) -> Report:
@@ -36,10 +36,3 @@ def explain(model: Any, *args: Any, options: Any = None, verbose: bool = False, 
             "(is the model already compiled with another backend, or is torch._dynamo disabled?)"
         )
     return VerboseReport(captured) if verbose else Report(captured)
-
-
-class VerboseReport(Report):
-    """A Report whose text includes every candidate form."""
-
-    def __str__(self) -> str:
-        return self.format(verbose=True)
