@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
+from fxlora.graph.edit import copy_graph_module
 from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.logs import log_report
 from fxlora.pipeline import PipelineResult, run_pipeline
@@ -68,7 +69,7 @@ def compile_graph(
             raise NotImplementedError(unsupported)
         # Match and rewrite a copy (one cheap node pass): if anything goes wrong the
         # untouched graph is still at hand.
-        candidate = fx.GraphModule(gm, _copy_graph(gm))
+        candidate = copy_graph_module(gm)
         # DDP's splitter copies `_param_name_to_source` to each piece and fails without it.
         # `meta` stays empty on purpose: without Dynamo's compile id there, AOT does not demand
         # a source for every attribute, and the rewrites add some (VeLoRA's v). The price: AOT
@@ -162,19 +163,6 @@ def _inner_compile(
     functorch_patches = {"ban_recompute_materialized_backward": False} if rematerialize else {}
     with torch._functorch.config.patch(functorch_patches):
         return compile_fx(gm, example_inputs, config_patches=patches)
-
-
-def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
-    """A node-for-node copy of gm's graph (metadata included) that shares gm's attributes."""
-    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = gm.graph._codegen
-    copies: dict = {}
-    out = graph.graph_copy(gm.graph, copies)
-    graph.output(out)
-    for node, copy in copies.items():  # DDP's splitter (propagate_dynamo_source) reads every placeholder's
-        if hasattr(node, "_dynamo_source"):
-            copy._dynamo_source = node._dynamo_source
-    return graph
 
 
 def _compile_id() -> str:

@@ -44,11 +44,3 @@ def checkpoint_bodies(gm: fx.GraphModule) -> Iterator[tuple[str, fx.GraphModule,
 def region_config(config: Config) -> Config:
     """The options the pipeline gets inside a region: FLOPs decide, no lossy compression."""
     return config.replace(objective="flops", compress=None)
-
-
-def copy_body(body: fx.GraphModule) -> fx.GraphModule:
-    """A node-for-node copy of a body to rewrite, sharing its attributes."""
-    graph = fx.Graph(owning_module=body, tracer_cls=body.graph._tracer_cls)
-    graph._codegen = body.graph._codegen
-    graph.output(graph.graph_copy(body.graph, {}))
-    return fx.GraphModule(body, graph)

@@ -17,10 +17,11 @@ from typing import Sequence
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from fxlora.checkpoint import DROPOUT_IN_REGION, checkpoint_bodies, copy_body, region_config
+from fxlora.checkpoint import DROPOUT_IN_REGION, checkpoint_bodies, region_config
 from fxlora.config import Config
 from fxlora.cost.core import at, choose_form, price
 from fxlora.cost.guards import SizeDecider, size_decider
+from fxlora.graph.edit import copy_graph_module
 from fxlora.graph.prove import Rejection
 from fxlora.graph.read import module_path, value
 from fxlora.kinds import KINDS
@@ -88,7 +89,7 @@ def rewrite_regions(gm: fx.GraphModule, config: Config) -> list[RegionReport]:
     for name, body, use_reentrant in list(checkpoint_bodies(gm)):
         region = RegionReport(name, use_reentrant)
         try:
-            copy = copy_body(body)
+            copy = copy_graph_module(body)
             normalize(copy, recompile=False)
             region.kinds = run_kinds(copy, inner, recomputed=True)
         except Exception as err:  # a region the passes cannot handle runs as traced

@@ -74,6 +74,19 @@ def _with_grad(t, grad: bool):
     return t
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A node-for-node copy of `gm` (metadata included) sharing its attributes: what the passes
+    rewrite, so the untouched graph is still at hand if anything goes wrong."""
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = gm.graph._codegen
+    copies: dict = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    for node, copy in copies.items():  # DDP's splitter (propagate_dynamo_source) reads every placeholder's
+        if hasattr(node, "_dynamo_source"):
+            copy._dynamo_source = node._dynamo_source
+    return fx.GraphModule(gm, graph)
+
+
 def erase_dead(nodes: Iterable) -> None:
     """Erase each node (in the order given) that nothing reads any more."""
     for node in nodes:
