@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fxlora
-from fxlora.backend import _copy_graph
+from fxlora.graph.edit import copy_graph_module
 from fxlora.normalize import RULES, normalize
 from tests.helpers import assert_same_step, loss_and_grads
 from tests.normalize.spellings import (
@@ -50,7 +50,7 @@ def _trace(model, x) -> tuple[fx.GraphModule, list]:
 
 
 def _normalized(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
-    copy = fx.GraphModule(gm, _copy_graph(gm))
+    copy = copy_graph_module(gm)
     return copy, normalize(copy)
 
 
