@@ -67,7 +67,7 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
     for kind in kinds:
         match = _claim(kind, kind.find(gm), owner)
         result = KindResult(kind, match, [_decide(kind, site, config, decide, recomputed) for site in match.sites],
-                            {s.index: sorted(site_rules(s)) for s in match.sites if site_rules(s)})
+                            {s.index: sorted(rules) for s in match.sites if (rules := site_rules(s))})
         chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
         if chosen:
             kind.rewrite_sites(gm, chosen)
