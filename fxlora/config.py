@@ -38,7 +38,8 @@ class Config:
     objective: "saved_bytes" (default) picks the fewest saved-for-backward bytes among
         forms within `flop_budget` of the cheapest FLOPs; "flops" picks the fewest FLOPs.
     flop_budget: the FLOP slack "saved_bytes" may spend, as a fraction (0.1 = 10%).
-    force_form: "f<forward>/b<backward>" (e.g. "f1/b5") for every site where it is legal;
+    force_form: "f<forward>/b<backward>" (e.g. "f1/b5"; "+bits" keeps a dropout mask packed
+        instead of replaying it) for every site where it is legal;
         for tests and experiments, the report says where it could not apply.
     rematerialize: on graphs fxlora rewrote, let Inductor's min-cut partitioner recompute
         in backward the values backward must materialize (each adapter's input x: a norm
@@ -142,8 +143,20 @@ class Config:
         return cls(**ours)
 
     def forced_form(self) -> Optional[tuple[int, int]]:
-        found = re.fullmatch(r"f([12])/b([1-8])", self.force_form) if isinstance(self.force_form, str) else None
+        found = re.fullmatch(r"f([12])/b([1-8])(\+bits)?", self.force_form) if isinstance(self.force_form, str) else None
         return (int(found[1]), int(found[2])) if found else None
+
+    def eager_masks(self) -> bool:
+        """Whether rewritten dropout must draw eager's masks. Inductor's own rule: compiled code
+        matches eager's random numbers only under `fallback_random`; without Inductor (aot_eager,
+        eager) PEFT's dropout runs as ATen's, so fxlora's does too."""
+        if self.inner != "inductor":
+            return True
+        if "fallback_random" in self.inductor:
+            return bool(self.inductor["fallback_random"])
+        import torch._inductor.config as inductor_config
+
+        return bool(inductor_config.fallback_random)
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

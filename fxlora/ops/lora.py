@@ -13,12 +13,22 @@ layout (A: r x in, B: out x r), with Z1 = dY B and Z2 = dY^T X (out x in):
 Neither forward saves X A^T (RunLoRA): backward rebuilds it (2 T r in FLOPs), unless A
 is frozen, where X A^T (T x r) is saved *instead of* X (T x in) (LoRA-FA, arXiv:2308.03303: exact).
 
-Dropout stays exact without keeping a full-size `dropout(x)`: the op returns the CPU/CUDA
-RNG state it drew the mask from, and backward replays the same `bernoulli_` with
-`fxlora::lora_linear_backward`. Cost: one extra mask draw in backward, no T x in storage.
+Dropout never keeps a full-size `dropout(x)`. Its mask is either replayed (the op returns
+the RNG state it drew from and backward draws again: no bytes, one more draw) or kept
+packed, 1 bit per element (T*i/8 bytes, 1/32 of an fp32 x: no second draw); the cost
+model picks. Masks come from one of two generators, following Inductor's own rule for
+randomness (`torch._inductor.config.fallback_random`):
+  eager: `bernoulli_` exactly as ATen's dropout draws it, so masks equal eager PEFT's;
+  fast:  31 random bits per element from half an int64 `random_` draw, kept where below
+         round((1-p) 2^31): the same Bernoulli(1-p) (p to 2^-31) at ~2.5x the speed on
+         this CPU, but not eager's masks, as Inductor's own dropout is not.
 Under a scheduler free to reorder independent ops (Inductor runs q/k/v's ops in any order),
-each dropout site takes the previous one's RNG output as `after`, so masks are drawn in
+each dropout site takes the previous one's mask record as `after`, so masks are drawn in
 program order, as eager draws them.
+
+Rank-r GEMMs are laid out with r as the rows of the result: on this CPU's BLAS
+`(B^T dY^T)^T` is 3x faster than `dY B`, and `(XA^T)^T dY` 4x faster than `dY^T (XA^T)`
+(T=2048, i=o=512, r=8; docs/results.md).
 
 Backward is one opaque op too: traced as separate ATen ops, its tangent-free parts (the
 merged weight, X A^T, the replayed mask) would be hoisted into forward by the partitioner
@@ -52,10 +62,43 @@ def _rng_state(device: torch.device) -> Tensor:
     return torch.get_rng_state()
 
 
-def _dropout_noise(shape, p: float, dtype: torch.dtype, device) -> Tensor:
-    """The noise `F.dropout` multiplies by: bernoulli(1 - p) / (1 - p), drawn exactly as ATen draws it."""
-    noise = torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p)
-    return noise.div_(1 - p)
+def _keep_threshold(p: float) -> int:
+    return min(round((1 - p) * 2**31), 2**31 - 1)
+
+
+def _dropout_noise(shape, p: float, dtype: torch.dtype, device, fast: bool) -> Tensor:
+    """The noise dropout multiplies by: keep / (1 - p), keep ~ Bernoulli(1 - p).
+
+    eager (`fast=False`): drawn exactly as ATen's dropout draws it (`bernoulli_`), so the
+    mask equals eager's. fast: 31 uniform bits per element (half an int64 `random_`), kept
+    below round((1-p) 2^31)."""
+    if not fast:
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p)
+    n = 1
+    for d in shape:
+        n *= d
+    words = torch.empty(((n + 1) // 2,), dtype=torch.int64, device=device).random_()
+    bits = words.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF)
+    return bits.lt_(_keep_threshold(p)).view(shape).to(dtype).div_(1 - p)
+
+
+def _pack_mask(noise: Tensor) -> Tensor:
+    """The mask as 1 bit per element (uint8, ceil(n / 8) bytes)."""
+    keep = (noise != 0).flatten()
+    pad = -keep.numel() % 8
+    if pad:
+        keep = torch.nn.functional.pad(keep, (0, pad))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=noise.device)
+    return (keep.view(-1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def _unpacked_noise(bits: Tensor, shape: Sequence[int], p: float, dtype: torch.dtype) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    n = 1
+    for d in shape:
+        n *= d
+    keep = bits.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1).flatten()[:n]
+    return keep.view(shape).to(dtype).div_(1 - p)
 
 
 def _dropped(x: Tensor, noise: Tensor, dtype: torch.dtype) -> Tensor:
@@ -66,6 +109,16 @@ def _merged_weight(W: Tensor, A: Tensor, B: Tensor, s: Tensor, dtype: torch.dtyp
     """W + s B A in one GEMM that accumulates into a copy of W (scaling the small B): the
     (out, in) matrix is written once, not by separate mul and add passes."""
     return torch.addmm(W.to(dtype), s * B, A)
+
+
+def _dy_b(dy: Tensor, sB: Tensor) -> Tensor:
+    """dY (s B), (T, r), computed as ((sB)^T dY^T)^T: r rows, the fast layout (module doc)."""
+    return (sB.t() @ dy.t()).t()
+
+
+def _dyt_xa(dy: Tensor, xa: Tensor) -> Tensor:
+    """dY^T (X A^T), (out, r), computed as ((X A^T)^T dY)^T: r rows (module doc)."""
+    return (xa.t() @ dy).t().contiguous()
 
 
 @torch.library.custom_op("fxlora::lora_linear", mutates_args=())
@@ -85,18 +138,25 @@ def lora_linear(
     conv1d: bool,
     save_xa: bool,
     after: Optional[Tensor] = None,
+    fast_rng: bool = False,
+    packed_mask: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`after`: ordering only (the previous dropout site's RNG output), never read.
+    """`after`: ordering only (the previous dropout site's mask record), never read.
 
-    Returns (y, x A^T if save_xa else empty, RNG state of the dropout mask if p > 0 else empty)."""
+    Returns (y, x A^T if save_xa else empty, the mask record if p > 0 else empty): the RNG
+    state the mask was drawn from, or with `packed_mask` the mask itself, 1 bit per element."""
     W = base_weight(weight, conv1d).to(base_dtype)
     A, B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
     s = scale.to(adapter_dtype)
-    rng = x.new_empty(NO_TENSOR, dtype=torch.uint8, device="cpu")
+    record = x.new_empty(NO_TENSOR, dtype=torch.uint8, device="cpu")
     xa = x.new_empty(NO_TENSOR, dtype=adapter_dtype)
     if dropout_p > 0:
-        rng = _rng_state(x.device)
-        x_in = _dropped(x, _dropout_noise(x.shape, dropout_p, mask_dtype, x.device), adapter_dtype)
+        if not packed_mask:
+            record = _rng_state(x.device)
+        noise = _dropout_noise(x.shape, dropout_p, mask_dtype, x.device, fast_rng)
+        if packed_mask:
+            record = _pack_mask(noise)
+        x_in = _dropped(x, noise, adapter_dtype)
     else:
         x_in = x.to(adapter_dtype)
     b = None if bias is None else bias.to(base_dtype)
@@ -116,22 +176,33 @@ def lora_linear(
             y = base + s * torch.nn.functional.linear(xa_full, B)
     if save_xa:
         xa = xa_full
-    return y, xa, rng
+    return y, xa, record
+
+
+def _record_size(x: Tensor, dropout_p: float, packed_mask: bool) -> tuple[int, str]:
+    if dropout_p == 0:
+        return 0, "cpu"
+    if packed_mask:
+        n = 1
+        for d in x.shape:
+            n *= d
+        return (n + 7) // 8, x.device.type
+    return (16 if x.device.type == "cuda" else torch.get_rng_state().numel()), "cpu"
 
 
 @lora_linear.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype, adapter_dtype,
-      forward_form, backward_form, conv1d, save_xa, after=None):
+      forward_form, backward_form, conv1d, save_xa, after=None, fast_rng=False, packed_mask=False):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], out_features), dtype=torch.promote_types(base_dtype, adapter_dtype))
     xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else NO_TENSOR, dtype=adapter_dtype)
-    n = (16 if x.device.type == "cuda" else torch.get_rng_state().numel()) if dropout_p > 0 else 0
-    rng = x.new_empty((n,), dtype=torch.uint8, device="cpu")
-    return y, xa, rng
+    n, device = _record_size(x, dropout_p, packed_mask)
+    record = x.new_empty((n,), dtype=torch.uint8, device=device if device == "cpu" else x.device)
+    return y, xa, record
 
 
 def _replayed_noise(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype,
-                    device: torch.device) -> Tensor:
+                    device: torch.device, fast: bool) -> Tensor:
     """The forward's dropout noise, drawn again from the saved RNG state; the caller's RNG is untouched."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
@@ -139,30 +210,33 @@ def _replayed_noise(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtyp
             torch.cuda.set_rng_state(rng_state, device)
         else:
             torch.set_rng_state(rng_state)
-        return _dropout_noise(shape, p, mask_dtype, device)
+        return _dropout_noise(shape, p, mask_dtype, device, fast)
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, scale, p, mask_dtype, base_dtype, adapter_dtype,
-     _fwd, bwd, conv1d, save_xa, *_after) = inputs
-    _y, xa, rng = output
+     _fwd, bwd, conv1d, save_xa, *rest) = inputs
+    fast_rng, packed_mask = (*rest[1:], False, False)[:2]
+    _y, xa, record = output
     ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, x.dtype)
+    ctx.masks = (fast_rng, packed_mask)
     ctx.has_bias = bias is not None
-    # What backward keeps alive: X (or X A^T when A is frozen), the RNG state, and parameters
+    ctx.n_inputs = len(inputs)
+    # What backward keeps alive: X (or X A^T when A is frozen), the mask record, and parameters
     # (which exist anyway). X A^T is never kept alongside X.
     ctx.save_for_backward(None if save_xa else x, weight, lora_A, lora_B, scale, xa if save_xa else None,
-                          rng if p > 0 else None)
+                          record if p > 0 else None)
 
 
-def _backward(ctx, dy, _dxa, _drng):
+def _backward(ctx, dy, _dxa, _drecord):
     # One opaque op, so the partitioner cannot hoist the tangent-free parts of backward (the
     # merged weight W + sBA, X A^T, the replayed mask) into forward and save them for us.
-    x, weight, lora_A, lora_B, scale, xa, rng = ctx.saved_tensors
+    x, weight, lora_A, lora_B, scale, xa, record = ctx.saved_tensors
     need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     needs = [need_x, need_b and ctx.has_bias, need_A, need_B]
-    grads = lora_linear_backward(dy, x, weight, lora_A, lora_B, scale, xa, rng, *ctx.conf, needs)
+    grads = lora_linear_backward(dy, x, weight, lora_A, lora_B, scale, xa, record, *ctx.conf, needs, *ctx.masks)
     dX, db, dA, dB = (g if need else None for g, need in zip(grads, needs))
-    return dX, None, db, dA, dB, None, None, None, None, None, None, None, None, None, None
+    return (dX, None, db, dA, dB) + (None,) * (ctx.n_inputs - 5)
 
 
 @torch.library.custom_op("fxlora::lora_linear_backward", mutates_args=())
@@ -174,7 +248,7 @@ def lora_linear_backward(
     lora_B: Tensor,
     scale: Tensor,
     xa: Optional[Tensor],
-    rng: Optional[Tensor],
+    record: Optional[Tensor],
     dropout_p: float,
     mask_dtype: torch.dtype,
     base_dtype: torch.dtype,
@@ -184,6 +258,8 @@ def lora_linear_backward(
     save_xa: bool,
     x_dtype: torch.dtype,
     needs: Sequence[bool],
+    fast_rng: bool = False,
+    packed_mask: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dX, db, dA, dB) in RunLoRA backward form `backward_form`; a gradient not in `needs` is empty."""
     need_x, need_b, need_A, need_B = needs
@@ -192,12 +268,15 @@ def lora_linear_backward(
     W = base_weight(weight, conv1d).to(base_dtype)
     x_shape = (*dy.shape[:-1], W.shape[1])
     dy_a = dy.to(adapter_dtype).flatten(0, -2)  # (T, out)
-    noise = _replayed_noise(rng, x_shape, dropout_p, mask_dtype, dy.device) if dropout_p > 0 else None
+    noise = None
+    if dropout_p > 0:
+        noise = (_unpacked_noise(record, x_shape, dropout_p, mask_dtype) if packed_mask
+                 else _replayed_noise(record, x_shape, dropout_p, mask_dtype, dy.device, fast_rng))
     x_in = None
     if x is not None:
         x_in = (_dropped(x, noise, adapter_dtype) if noise is not None else x.to(adapter_dtype)).flatten(0, -2)
 
-    z1 = dy_a @ (s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
+    z1 = _dy_b(dy_a, s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
     z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and not save_xa) else None
 
     dX, db, dA, dB = (dy.new_empty(NO_TENSOR) for _ in range(4))
@@ -205,9 +284,9 @@ def lora_linear_backward(
         dA = (z1.t() @ x_in if dA_by == "z1" else s * (B.t() @ z2)).to(lora_A.dtype)
     if need_B:
         if save_xa:
-            dB = s * (dy_a.t() @ xa.flatten(0, -2))
+            dB = s * _dyt_xa(dy_a, xa.flatten(0, -2))
         elif dB_by == "xa":
-            dB = s * (dy_a.t() @ (x_in @ A.t()))
+            dB = s * _dyt_xa(dy_a, x_in @ A.t())
         else:
             dB = s * (z2 @ A.t())
         dB = dB.to(lora_B.dtype)
@@ -242,8 +321,8 @@ def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs) -> tupl
 
 
 @lora_linear_backward.register_fake
-def _(dy, x, weight, lora_A, lora_B, scale, xa, rng, dropout_p, mask_dtype, base_dtype, adapter_dtype,
-      backward_form, conv1d, save_xa, x_dtype, needs):
+def _(dy, x, weight, lora_A, lora_B, scale, xa, record, dropout_p, mask_dtype, base_dtype, adapter_dtype,
+      backward_form, conv1d, save_xa, x_dtype, needs, fast_rng=False, packed_mask=False):
     return fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs)
 
 

@@ -90,3 +90,72 @@ def test_after_only_orders_the_draws():
     torch.manual_seed(0)
     ordered = lora_linear(*args, after=torch.zeros(3))[0]
     assert torch.equal(plain, ordered)
+
+
+def _dropout_case(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    i, o, r = 24, 20, 4
+    x = torch.randn(3, 5, i, generator=gen, requires_grad=True)
+    W = torch.randn(o, i, generator=gen)
+    A = torch.randn(r, i, generator=gen, requires_grad=True)
+    B = torch.randn(o, r, generator=gen, requires_grad=True)
+    return x, W, A, B, torch.randn(3, 5, o, generator=gen)
+
+
+@pytest.mark.parametrize("fast_rng", [False, True])
+@pytest.mark.parametrize("packed_mask", [False, True])
+@pytest.mark.parametrize("backward", [1, 2, 3, 6])
+def test_dropout_masks_replayed_or_packed_are_the_forwards(fast_rng, packed_mask, backward):
+    """Given the mask it drew, the op computes what autograd computes on x * noise; with the
+    eager generator that noise is eager dropout's own (same seed, same mask)."""
+    from fxlora.ops.lora import _dropout_noise
+
+    x, W, A, B, grad_out = _dropout_case()
+    p = 0.25
+    torch.manual_seed(11)
+    noise = _dropout_noise(x.shape, p, torch.float32, x.device, fast_rng)
+    if not fast_rng:
+        torch.manual_seed(11)
+        assert torch.equal(F.dropout(torch.ones_like(x), p, True), noise)
+    ref = F.linear(x, W) + F.linear(F.linear(x * noise, A), B) * 1.5
+    ref_grads = torch.autograd.grad(ref, (x, A, B), grad_out)
+    torch.manual_seed(11)
+    y, _, record = lora_linear(x, W, None, A, B, torch.tensor(1.5), p, torch.float32, torch.float32, torch.float32,
+                               1, backward, False, False, fast_rng=fast_rng, packed_mask=packed_mask)
+    assert record.numel() == ((x.numel() + 7) // 8 if packed_mask else torch.get_rng_state().numel())
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for g, want in zip(torch.autograd.grad(y, (x, A, B), grad_out), ref_grads):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-4)
+
+
+def test_fast_generator_keeps_one_minus_p():
+    from fxlora.ops.lora import _dropout_noise
+
+    torch.manual_seed(0)
+    n, p = 1 << 20, 0.05
+    keep = (_dropout_noise((n,), p, torch.float32, torch.device("cpu"), fast=True) != 0).double()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    # neighbours (the two halves of one int64 draw) are independent
+    both = (keep[0::2] * keep[1::2]).mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * (1 / (n / 2)) ** 0.5
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 1000])
+def test_packed_mask_round_trip(n):
+    from fxlora.ops.lora import _pack_mask, _unpacked_noise
+
+    torch.manual_seed(n)
+    noise = torch.empty(n).bernoulli_(0.5).div_(0.5)
+    bits = _pack_mask(noise)
+    assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
+    assert torch.equal(_unpacked_noise(bits, (n,), 0.5, torch.float32), noise)
+
+
+def test_opcheck_packed_fast():
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    args = (x, torch.randn(6, 8), None, torch.randn(2, 8, requires_grad=True),
+            torch.randn(6, 2, requires_grad=True), torch.tensor(2.0), 0.3, torch.float32,
+            torch.float32, torch.float32, 1, 1, False, False)
+    torch.library.opcheck(lora_linear, args, {"fast_rng": True, "packed_mask": True},
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -45,6 +45,7 @@ def shape(site: LoraSite, config: Config) -> LoraShape:
         x_needs_grad=needs_grad(site.nodes.x),
         dropout=site.nodes.dropout is not None and site.dropout_p != 0.0,
         mixed_dtypes=site.compute_dtype != adapter_dtype,
+        eager_masks=config.eager_masks(),
     )
 
 

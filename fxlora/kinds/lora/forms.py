@@ -31,6 +31,18 @@ class LoraShape:
     x_needs_grad: bool = True
     dropout: bool = False
     mixed_dtypes: bool = False  # base and adapter compute in different dtypes (bf16 W, fp32 A/B)
+    eager_masks: bool = True  # dropout draws eager's masks (Config.eager_masks) or the fast generator's
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What the rewrite builds: RunLoRA's (forward, backward) pair and how a dropout mask
+    reaches backward (replayed from its RNG state, or kept packed at 1 bit per element)."""
+
+    forward: int
+    backward: int
+    packed_mask: bool = False
+    fast_rng: bool = False
 
 
 def _gemm(m, n, k):
@@ -75,15 +87,17 @@ def backward_flops(form: int, shape: LoraShape, save_xa: bool) -> sympy.Expr:
     return flops
 
 
-def saved_bytes(shape: LoraShape, save_xa: bool) -> sympy.Expr:
+def saved_bytes(shape: LoraShape, save_xa: bool, packed_mask: bool = False) -> sympy.Expr:
     """What the op keeps for backward beyond parameters: X (T i), or X A^T (T r) when A is frozen.
 
-    Dropout adds only its RNG state (a few KiB at most, counted as 0): the mask is replayed.
+    A replayed dropout mask adds only its RNG state (a few KiB at most, counted as 0); a
+    packed one adds T i / 8 bytes (1 bit per element of x).
     """
+    mask = T * I / 8 if packed_mask else ZERO
     if save_xa:
-        return T * R * shape.adapter_bytes
+        return T * R * shape.adapter_bytes + mask
     if shape.a_trainable or shape.b_trainable:
-        return T * I * shape.x_bytes
+        return T * I * shape.x_bytes + mask
     return ZERO
 
 
@@ -119,11 +133,13 @@ def velora_form(shape: LoraShape, sub_token: int) -> Form:
     M = sympy.Integer(sub_token)
     saved = T * (I / M) * shape.adapter_bytes + (T * R * shape.adapter_bytes if shape.b_trainable else 0)
     flops = forward_flops(1, False) + 2 * T * I + backward_flops(1, shape, save_xa=True) + T * I
-    return Form(f"f1/b1+velora(M={sub_token})", sympy.expand(flops), sympy.expand(saved), lossy=f"velora(M={sub_token})", spec=(1, 1))
+    return Form(f"f1/b1+velora(M={sub_token})", sympy.expand(flops), sympy.expand(saved), lossy=f"velora(M={sub_token})",
+                spec=LoraSpec(1, 1))
 
 
 def candidate_forms(shape: LoraShape) -> list[Form]:
-    """Every (forward, backward) pair, with why it is illegal where it is."""
+    """Every (forward, backward) pair, with why it is illegal where it is; with dropout, each
+    legal pair once with its mask replayed and once kept packed ("+bits")."""
     save_xa = not shape.a_trainable and shape.b_trainable
     forms = []
     for fwd in FORWARD_FORMS:
@@ -135,9 +151,12 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
                 why_not = "dropout: dX of the adapter passes the mask, no merged weight"
             elif shape.mixed_dtypes and (fwd == 2 or BACKWARD_FORMS[bwd][2] == "merged"):
                 why_not = "base and adapter compute in different dtypes: W + s B A would change the rounding"
-            flops = forward_flops(fwd, save_xa) + backward_flops(bwd, shape, save_xa)
-            forms.append(Form(
-                f"f{fwd}/b{bwd}", sympy.expand(flops), saved_bytes(shape, save_xa), not why_not, why_not,
-                transient_bytes=transient_bytes(fwd, bwd, shape), spec=(fwd, bwd),
-            ))
+            flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, save_xa))
+            masks = (False, True) if shape.dropout and not why_not else (False,)
+            for packed in masks:
+                forms.append(Form(
+                    f"f{fwd}/b{bwd}" + ("+bits" if packed else ""), flops, saved_bytes(shape, save_xa, packed),
+                    not why_not, why_not, transient_bytes=transient_bytes(fwd, bwd, shape),
+                    spec=LoraSpec(fwd, bwd, packed, shape.dropout and not shape.eager_masks),
+                ))
     return forms

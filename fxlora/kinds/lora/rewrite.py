@@ -16,6 +16,7 @@ import torch.fx as fx
 from fxlora.cost.core import PricedForm
 from fxlora.graph.edit import erase_dead, inserting_before, replace_output
 from fxlora.graph.read import value
+from fxlora.kinds.lora.forms import LoraSpec
 from fxlora.kinds.lora.match import LoraNodes, LoraSite
 from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (register torch.ops.fxlora.*)
 
@@ -27,7 +28,7 @@ def rewrite(gm: fx.GraphModule, chosen: list[tuple[LoraSite, PricedForm]]) -> No
         if priced.form.lossy:
             _replace_velora(gm, site, priced.form.spec)
         else:
-            last_draw = _replace_exact(site, *priced.form.spec, last_draw)
+            last_draw = _replace_exact(site, priced.form.spec, last_draw)
 
 
 def scale_tensor_source(scale) -> Optional[fx.Node]:
@@ -50,8 +51,8 @@ def _scale_node(graph: fx.Graph, scale) -> fx.Node:
     return graph.call_method("reshape", (node, ())) if value(node).dim() > 0 else node
 
 
-def _replace_exact(site: LoraSite, forward: int, backward: int, last_draw: Optional[fx.Node]) -> Optional[fx.Node]:
-    """Returns the node of the RNG state this site drew its mask from (or `last_draw` without dropout)."""
+def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node]) -> Optional[fx.Node]:
+    """Returns the node of this site's mask record (or `last_draw` without dropout)."""
     n = site.nodes
     graph = n.add.graph
     draws = bool(site.dropout_p)
@@ -63,9 +64,12 @@ def _replace_exact(site: LoraSite, forward: int, backward: int, last_draw: Optio
             torch.ops.fxlora.lora_linear.default,
             (
                 n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), float(site.dropout_p or 0.0),
-                mask_dtype, site.compute_dtype, adapter_dtype, forward, backward, site.base_kind == "conv1d", save_xa,
+                mask_dtype, site.compute_dtype, adapter_dtype, spec.forward, spec.backward, site.base_kind == "conv1d",
+                save_xa,
             ),
-            {"after": last_draw} if draws and last_draw is not None else {},
+            {**({"after": last_draw} if draws and last_draw is not None else {}),
+             **({"fast_rng": True} if draws and spec.fast_rng else {}),
+             **({"packed_mask": True} if draws and spec.packed_mask else {})},
         )
         y = graph.call_function(operator.getitem, (op, 0))
         if draws:

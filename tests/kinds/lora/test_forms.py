@@ -39,7 +39,7 @@ def test_merged_forms_win_on_many_tokens_and_lose_on_few():
 
 def test_dropout_rules_out_merged_forms():
     best, _ = _choose(4096, dropout=True)
-    forward, backward = best.form.spec
+    forward, backward = best.form.spec.forward, best.form.spec.backward
     assert forward == 1 and BACKWARD_FORMS[backward][2] == "split"
 
 
@@ -56,7 +56,7 @@ def test_forced_form_and_illegal_force_explained():
     best, why = core.choose_form(priced, flop_budget=0.1, forced=("f1/b3", "force_form"))
     assert best.form.name == "f1/b3" and "forced by the force_form option" in why
     best, why = core.choose_form(priced, flop_budget=0.1, forced=("f2/b4", "force_form"))
-    assert best.form.spec[0] == 1 and "illegal here (dropout" in why
+    assert best.form.spec.forward == 1 and "illegal here (dropout" in why
 
 
 @pytest.mark.parametrize("forward,backward", [(f, b) for f in (1, 2) for b in BACKWARD_FORMS])
