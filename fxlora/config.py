@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Union
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OBJECTIVES = ("saved_bytes", "flops")
+OBJECTIVES = ("time", "saved_bytes", "flops")
 SCALING_FORMS = (None, "act", "recompute", "weight")
 OPTIONS_ENV = "FXLORA_OPTIONS"
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -35,9 +35,14 @@ class Config:
     dump_graphs: a directory; each compiled graph is written there before and after
         fxlora's passes (`<compile id>.before.txt` / `.after.txt`).
     rewrite: replace LoRA sites by the chosen exact form (False: match and report only).
-    objective: "saved_bytes" (default) picks the fewest saved-for-backward bytes among
-        forms within `flop_budget` of the cheapest FLOPs; "flops" picks the fewest FLOPs.
+    objective: "time" (default) picks the fastest form, measured once per shape on the
+        device (cached on disk, fxlora/cost/timing.py), among forms within `saved_budget`
+        of the fewest saved-for-backward bytes; kinds without a timing use "saved_bytes".
+        "saved_bytes" picks the fewest saved bytes among forms within `flop_budget` of the
+        cheapest FLOPs; "flops" picks the fewest FLOPs. None of them changes a result: every
+        candidate is exact (lossy forms only with `compress`).
     flop_budget: the FLOP slack "saved_bytes" may spend, as a fraction (0.1 = 10%).
+    saved_budget: the saved-bytes slack "time" may spend for speed, as a fraction (0.1 = 10%).
     force_form: "f<forward>/b<backward>" (e.g. "f1/b5"; "+bits" keeps a dropout mask packed
         instead of replaying it) for every site where it is legal;
         for tests and experiments, the report says where it could not apply.
@@ -66,8 +71,9 @@ class Config:
     inductor: Mapping[str, Any] = field(default_factory=dict)
     dump_graphs: Optional[str] = None
     rewrite: bool = True
-    objective: str = "saved_bytes"
+    objective: str = "time"
     flop_budget: float = 0.1
+    saved_budget: float = 0.1
     force_form: Optional[str] = None
     rematerialize: bool = True
     verify: bool = False
@@ -92,8 +98,10 @@ class Config:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"fxlora option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("objective", self.objective, OBJECTIVES)
-        if isinstance(self.flop_budget, bool) or not isinstance(self.flop_budget, (int, float)) or self.flop_budget < 0:
-            raise ValueError(f"fxlora option 'flop_budget' must be a number >= 0 (0.1 = 10%), got {self.flop_budget!r}")
+        for budget in ("flop_budget", "saved_budget"):
+            v = getattr(self, budget)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"fxlora option {budget!r} must be a number >= 0 (0.1 = 10%), got {v!r}")
         if self.force_form is not None and self.forced_form() is None:
             raise ValueError(
                 f"fxlora option 'force_form' must look like 'f1/b5' (forward 1-2, backward 1-8), got {self.force_form!r}"

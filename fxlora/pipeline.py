@@ -11,6 +11,7 @@ driver then runs on each activation-checkpoint body (fxlora/checkpoint.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,8 +20,9 @@ from torch._dynamo.utils import counters
 
 from fxlora.checkpoint import DROPOUT_IN_REGION, checkpoint_bodies, region_config
 from fxlora.config import Config
-from fxlora.cost.core import at, choose_form, price
+from fxlora.cost.core import PricedForm, at, choose_form, price
 from fxlora.cost.guards import SizeDecider, size_decider
+from fxlora.cost.timing import Timings
 from fxlora.graph.edit import copy_graph_module
 from fxlora.graph.prove import Rejection
 from fxlora.graph.read import module_path, value
@@ -62,11 +64,13 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
 
     recomputed: `gm` is a checkpoint body, run again in backward (sites drawing random numbers stay)."""
     decide = size_decider(gm, guard=config.form_guards)
+    timings: dict = {}  # device -> Timings, read from disk once per graph
     owner: dict[fx.Node, str] = {}
     results = []
     for kind in kinds:
         match = _claim(kind, kind.find(gm), owner)
-        result = KindResult(kind, match, [_decide(kind, site, config, decide, recomputed) for site in match.sites],
+        decisions = [_decide(kind, site, config, decide, recomputed, timings) for site in match.sites]
+        result = KindResult(kind, match, decisions,
                             {s.index: sorted(rules) for s in match.sites if (rules := site_rules(s))})
         chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
         if chosen:
@@ -118,7 +122,29 @@ def _claim(kind: Kind, match: Match, owner: dict[fx.Node, str]) -> Match:
     return Match(sites, rejections, match.linears)
 
 
-def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: bool) -> Decision:
+TIME_FLOP_SLACK = 1.5  # a form over 1.5x the cheapest FLOPs is not worth timing (RunLoRA Table 1: the slow ones are ~2x)
+
+
+def _timed(kind: Kind, site, shape, priced: list[PricedForm], decide: SizeDecider, timings: dict) -> list[PricedForm]:
+    """The priced forms, each legal exact one within TIME_FLOP_SLACK x the cheapest FLOPs
+    with its measured time (fxlora/cost/timing.py) at the size hints."""
+    exact = [p for p in priced if p.form.legal and not p.form.lossy and not p.form.traced]
+    if kind.time_case is None or not exact:
+        return priced
+    flops = [decide.at_hints(p.flops) for p in exact]
+    cases = {p.form.name: kind.time_case(site, shape, p.form, decide.at_hints)
+             for p, f in zip(exact, flops) if f <= TIME_FLOP_SLACK * min(flops)}
+    cases = {name: case for name, case in cases.items() if case is not None}
+    device = value(site.nodes.x).device
+    timer = timings.get(device) or timings.setdefault(device, Timings(device))
+    try:
+        seconds = dict(zip(cases, timer.seconds(list(cases.values()))))
+    except Exception:  # noqa: BLE001 - a form that cannot run here is simply not timed
+        return priced
+    return [dataclasses.replace(p, seconds=seconds.get(p.form.name)) for p in priced]
+
+
+def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: bool, timings: dict) -> Decision:
     device = value(site.nodes.x).device.type
     why_not = f"device {device} is not supported by fxlora's ops" if device not in ("cpu", "cuda") else ""
     if recomputed and kind.draws_random(site):
@@ -129,10 +155,12 @@ def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: b
     shape = kind.shape(site, config)
     forms, note = kind.site_forms(site, shape, config)
     priced = price(forms, shape)
+    if config.objective == "time":
+        priced = _timed(kind, site, shape, priced, decide, timings)
     hinted = len(decide.at_hint)
     chosen, why = choose_form(
         priced, objective=config.objective, flop_budget=config.flop_budget if kind.flop_budget else None,
-        decide=decide, forced=kind.forced(config),
+        saved_budget=config.saved_budget, decide=decide, forced=kind.forced(config),
     )
     if note and not chosen.form.lossy:
         why = f"{why}; {note}"

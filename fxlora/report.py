@@ -274,9 +274,10 @@ def _format_candidates(r) -> list[str]:
             rows.append((
                 mark + c.form.name, str(c.form.flops), _num(c.flops), str(c.form.saved_bytes),
                 _mib(c.saved_bytes), _mib(c.transient_bytes) if c.transient_bytes else "-",
+                "-" if c.seconds is None else f"{c.seconds * 1e3:.3g} ms",
                 "" if c.form.legal else "illegal: " + c.form.why_not,
             ))
-        header = ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", "in-op merged W", "")
+        header = ("form", "FLOPs formula", "FLOPs", "saved formula", "saved", "in-op merged W", "time", "")
         lines += ["  " + row for row in _table(rows, header)]
     return lines
 

@@ -51,6 +51,7 @@ class PricedForm:
     flops: sympy.Expr
     saved_bytes: sympy.Expr
     transient_bytes: sympy.Expr = ZERO
+    seconds: Optional[float] = None  # measured forward + backward at the size hints (fxlora.cost.timing)
 
 
 def sizes(shape: Any) -> dict:
@@ -90,14 +91,17 @@ def choose_form(
     *,
     objective: str = "saved_bytes",
     flop_budget: Optional[float] = None,
+    saved_budget: float = 0.1,
     decide: Callable[[sympy.Basic], bool] = bool,
     forced: Optional[tuple[str, str]] = None,
 ) -> tuple[PricedForm, str]:
     """Pick a legal form and say why.
 
     An opt-in lossy form that is legal wins. Else `forced` = (form name, option name) wins
-    where it exists and is legal. Else objective "flops": fewest FLOPs, saved bytes break
-    ties; "saved_bytes": fewest saved bytes, FLOPs break ties, among the forms within
+    where it exists and is legal. Else objective "time": the fastest measured form among
+    those saving at most (1 + saved_budget) x the fewest saved bytes (forms without a
+    measured time: as "saved_bytes"); "flops": fewest FLOPs, saved bytes break ties;
+    "saved_bytes": fewest saved bytes, FLOPs break ties, among the forms within
     (1 + flop_budget) x the cheapest FLOPs when a kind prices with a budget (LoRA: every
     RunLoRA form saves about the same, so FLOPs must stay near the cheapest).
     """
@@ -113,6 +117,15 @@ def choose_form(
             return hit[0], f"forced by the {option} option"
         illegal = next((p for p in priced if p.form.name == name), None)
         note = f"forced form {name} " + (f"is illegal here ({illegal.form.why_not}); " if illegal else "does not exist here; ")
+    timed = [p for p in legal if p.seconds is not None]
+    if objective == "time" and timed:
+        leanest = _least(timed, "saved_bytes", "seconds", decide)
+        lean = sympy.Rational(str(1 + saved_budget)) * leanest.saved_bytes
+        fastest = _least([p for p in timed if decide(sympy.Le(p.saved_bytes, lean))], "seconds", "saved_bytes", decide)
+        return fastest, note + (f"fastest measured ({fastest.seconds * 1e3:.3g} ms forward+backward) among forms "
+                                f"within {saved_budget:.0%} of the fewest saved bytes")
+    if objective == "time":
+        note += "no measured time for this kind: "
     cheapest = _least(legal, "flops", "saved_bytes", decide)
     if objective == "flops":
         return cheapest, note + "fewest FLOPs, saved bytes break ties"

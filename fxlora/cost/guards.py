@@ -59,6 +59,14 @@ class SizeDecider:
         self.at_hint.append(f"{relation} is {value}")
         return value
 
+    def at_hints(self, expr) -> int:
+        """An integer size expression at the size hints (installs no guard)."""
+        expr = sympy.sympify(expr)
+        env = self.shape_env
+        if env is not None and expr.free_symbols:
+            expr = expr.xreplace({s: env.backed_var_to_val[s] for s in expr.free_symbols if s in env.backed_var_to_val})
+        return int(expr)
+
     def hints(self) -> str:
         """The size hints the unguarded choices were made at, e.g. "s0=2, s1=24"."""
         env = self.shape_env

@@ -77,6 +77,8 @@ class Kind:
     row: Callable[[Any, Match], tuple[str, ...]]  # (site, match) -> explain's cells
     describe_shape: Callable[[Any], tuple[str, str]]  # shape -> (what, sizes) for the candidates heading
     draws_random: Callable[[Any], bool] = lambda site: False  # its rewritten form draws random numbers
+    # (site, shape, form, at_hints) -> a fxlora.cost.timing.TimingCase, for objective "time"; None: not timed
+    time_case: Optional[Callable[[Any, Any, Any, Callable], Any]] = None
 
 
 # --- sites on one frozen layer: IA3, VeRA, ReFT -------------------------------------------

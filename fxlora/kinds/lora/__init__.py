@@ -15,6 +15,7 @@ from fxlora.kinds.lora import forms as _forms
 from fxlora.kinds.lora.forms import LoraShape, peft_saved_bytes
 from fxlora.kinds.lora.match import LoraSite, find
 from fxlora.kinds.lora.rewrite import rewrite, scale_tensor_source
+from fxlora.kinds.lora.timing import time_case
 from fxlora.kinds.lora.velora import velora_forms
 
 def why_not(site: LoraSite, config: Config) -> str:
@@ -102,5 +103,5 @@ KIND = Kind(
              "x shared with"),
     flop_budget=True, find=find, why_not=why_not, shape=shape, site_forms=site_forms,
     peft_saved_bytes=peft_saved_bytes, forced=forced, rewrite_sites=rewrite, owned=owned, row=row,
-    describe_shape=describe_shape, draws_random=lambda site: site.nodes.dropout is not None and site.dropout_p != 0.0,
+    describe_shape=describe_shape, time_case=time_case, draws_random=lambda site: site.nodes.dropout is not None and site.dropout_p != 0.0,
 )

@@ -18,6 +18,7 @@ from fxlora.graph.edit import erase_dead, inserting_before, replace_output
 from fxlora.graph.read import value
 from fxlora.kinds.lora.forms import LoraSpec
 from fxlora.kinds.lora.match import LoraNodes, LoraSite
+from fxlora.kinds.lora.timing import mask_dtype
 from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (register torch.ops.fxlora.*)
 
 
@@ -57,14 +58,13 @@ def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node])
     graph = n.add.graph
     draws = bool(site.dropout_p)
     adapter_dtype = value(n.xab).dtype
-    mask_dtype = value(n.dropout.args[0]).dtype if n.dropout is not None else adapter_dtype
     save_xa = not site.a_trainable and site.b_trainable
     with inserting_before(n.add) as inserted:
         op = graph.call_function(
             torch.ops.fxlora.lora_linear.default,
             (
                 n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), float(site.dropout_p or 0.0),
-                mask_dtype, site.compute_dtype, adapter_dtype, spec.forward, spec.backward, site.base_kind == "conv1d",
+                mask_dtype(site), site.compute_dtype, adapter_dtype, spec.forward, spec.backward, site.base_kind == "conv1d",
                 save_xa,
             ),
             {**({"after": last_draw} if draws and last_draw is not None else {}),

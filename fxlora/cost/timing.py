@@ -1,0 +1,125 @@
+"""Measured time of a site's candidate forms, for `objective="time"`.
+
+FLOPs do not predict time where a GEMM has a dimension of r = 8: such GEMMs are bound by
+memory traffic and by the BLAS's layout, and the forms differ by passes FLOPs do not see.
+So each candidate form's op is run, forward and backward, on random tensors of the site's
+size (at the size hints), on the device the graph runs on: all cases built and warmed
+first, then a few rounds of one call each in rotated order, median per case (the method of
+the benchmark, docs/results.md). Figures are cached on disk per device and torch version,
+as Inductor's autotuning caches its choices, so only the first compile of a shape measures.
+
+Imports nothing from fxlora.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+CACHE_ENV = "FXLORA_CACHE_DIR"  # where timings.json lives [~/.cache/fxlora]
+ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class TimingCase:
+    """One form at one size: `key` names everything its time depends on (kind, form, sizes,
+    dtypes, flags); `build` allocates its inputs and returns one forward + backward call."""
+
+    key: str
+    build: Callable[[], Callable[[], None]]
+
+
+def cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "fxlora")
+    return Path(root) / "timings.json"
+
+
+def device_key(device: torch.device) -> str:
+    """The machine a time holds for: device model (and CPU threads), torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_model()} x{torch.get_num_threads()} threads"
+    return f"{name} | torch {torch.__version__}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+class Timings:
+    """The on-disk cache of one device's figures, and the measurement of what it lacks."""
+
+    def __init__(self, device: torch.device, path: Optional[Path] = None, rounds: int = ROUNDS):
+        self.device, self.path, self.rounds = torch.device(device), path or cache_path(), rounds
+        self.key = device_key(self.device)
+        self.measured = 0  # cases measured by this object (the rest came from the cache)
+        self._figures = self._load().get(self.key, {})
+
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def seconds(self, cases: Sequence[TimingCase]) -> list[float]:
+        """Seconds per call of each case; uncached cases are measured together, then cached."""
+        missing = list({c.key: c for c in cases if c.key not in self._figures}.values())
+        if missing:
+            self._figures.update(self._measure(missing))
+            self.measured += len(missing)
+            self._store()
+        return [self._figures[c.key] for c in cases]
+
+    def _measure(self, cases: Sequence[TimingCase]) -> dict[str, float]:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with unset_fake_temporarily(), torch.random.fork_rng(devices=devices, device_type=self.device.type), \
+                torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+            calls = [c.build() for c in cases]
+            for call in calls:
+                call()
+            times: list[list[float]] = [[] for _ in calls]
+            for r in range(self.rounds):
+                for j in range(len(calls)):
+                    k = (j + r) % len(calls)  # rotated order: drift spreads over every case
+                    self._sync()
+                    start = time.perf_counter()
+                    calls[k]()
+                    self._sync()
+                    times[k].append(time.perf_counter() - start)
+        return {c.key: statistics.median(t) for c, t in zip(cases, times)}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _store(self) -> None:
+        """Merge into the file (other processes may have written other keys), atomically."""
+        data = self._load()
+        data.setdefault(self.key, {}).update(self._figures)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home: figures stay in memory for this compile

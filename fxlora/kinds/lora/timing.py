@@ -1,0 +1,58 @@
+"""One LoRA form, timed: `fxlora::lora_linear` forward and backward on random tensors of
+the site's sizes and dtypes (fxlora.cost.timing measures and caches)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from fxlora.cost.core import Form
+from fxlora.cost.timing import TimingCase
+from fxlora.graph.read import value
+from fxlora.kinds.lora.forms import LoraShape
+from fxlora.kinds.lora.match import LoraSite
+from fxlora.ops import lora as _lora_ops  # noqa: F401  (registers torch.ops.fxlora.lora_linear)
+
+
+def mask_dtype(site: LoraSite) -> torch.dtype:
+    """The dtype dropout draws its mask in (x's as it enters dropout)."""
+    n = site.nodes
+    return value(n.dropout.args[0]).dtype if n.dropout is not None else value(n.xab).dtype
+
+
+def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) -> Optional[TimingCase]:
+    if form.lossy or form.spec is None:
+        return None
+    spec = form.spec
+    T, i, o, r = (at_hints(e) for e in (shape.tokens, shape.in_features, shape.out_features, shape.rank))
+    adapter_dtype = value(site.nodes.xab).dtype
+    p = float(site.dropout_p or 0.0)
+    conv1d = site.base_kind == "conv1d"
+    save_xa = not site.a_trainable and site.b_trainable
+    device = value(site.nodes.x).device
+    key = (f"lora {form.name} T={T} i={i} o={o} r={r} x={site.x_dtype} W={site.weight_dtype}@{site.compute_dtype} "
+           f"AB={site.adapter_dtype}@{adapter_dtype} p={p:g} fast={spec.fast_rng} grads="
+           f"{int(shape.x_needs_grad)}{int(site.a_trainable)}{int(site.b_trainable)} bias={int(site.has_bias)} "
+           f"conv1d={int(conv1d)}")
+
+    def build() -> Callable[[], None]:
+        x = torch.randn(T, i, dtype=site.x_dtype, device=device, requires_grad=shape.x_needs_grad)
+        W = torch.randn((i, o) if conv1d else (o, i), dtype=site.weight_dtype, device=device) * i**-0.5
+        bias = torch.zeros(o, dtype=site.weight_dtype, device=device) if site.has_bias else None
+        A = (torch.randn(r, i, dtype=site.adapter_dtype, device=device) * i**-0.5).requires_grad_(site.a_trainable)
+        B = (torch.randn(o, r, dtype=site.adapter_dtype, device=device) * 0.01).requires_grad_(site.b_trainable)
+        wrt = [t for t in (x, A, B) if t.requires_grad]
+        args = (x, W, bias, A, B, torch.tensor(2.0), p, mask_dtype(site), site.compute_dtype, adapter_dtype,
+                spec.forward, spec.backward, conv1d, save_xa)
+        flags = {"fast_rng": spec.fast_rng, "packed_mask": spec.packed_mask} if p else {}
+        dy = torch.randn(T, o, dtype=torch.promote_types(site.compute_dtype, adapter_dtype), device=device)
+
+        def call() -> None:
+            y = torch.ops.fxlora.lora_linear(*args, **flags)[0]
+            if wrt:
+                torch.autograd.grad(y, wrt, dy)
+
+        return call
+
+    return TimingCase(key, build)
