@@ -99,19 +99,28 @@ def test_inner_compile_failure_on_rewritten_graph_compiles_it_untouched(monkeypa
 
 
 @pytest.mark.inductor
-def test_inductor_dropout_sites_draw_eager_masks():
-    """Under Inductor the rewritten dropout sites draw eager PEFT's masks (in program order, though
-    Inductor may reorder independent ops) and replay them in backward: same loss, same gradients."""
+def test_inductor_dropout_sites_draw_eager_masks_under_fallback_random():
+    """Inductor's rule for randomness: with `fallback_random=True` the rewritten dropout sites draw
+    eager PEFT's masks (in program order, though Inductor may reorder independent ops) and replay
+    or unpack them in backward: same loss, same gradients. Without it they draw from the fast
+    generator, as Inductor's own dropout does: not eager's masks, and the report says so."""
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4, dropout=0.1)
     batch = token_batch(2, 16)
     torch.manual_seed(2)
     ref = loss_and_grads(model, batch)
     fxlora.clear_reports()
     torch.manual_seed(2)
-    got = loss_and_grads(torch.compile(model, backend="fxlora"), batch)
+    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"fallback_random": True}), batch)
     assert_same_step(ref, got, rtol=1e-4, atol=1e-5)
     decisions = fxlora.last_report().graphs[-1].decisions
-    assert len(decisions) == 7 and all(d.rewritten for d in decisions)
+    assert len(decisions) == 7 and all(d.rewritten and not d.chosen.form.spec.fast_rng for d in decisions)
+
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    fast = loss_and_grads(torch.compile(model, backend="fxlora"), batch)
+    decisions = fxlora.last_report().graphs[-1].decisions
+    assert all(d.rewritten and d.chosen.form.spec.fast_rng and "fast generator" in d.reason for d in decisions)
+    assert not torch.equal(fast[0], ref[0])  # other masks, so another loss
 
 
 def _saved_activation_bytes(model, batch) -> int:

@@ -109,6 +109,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     out.add_argument("--plot", help=f"PNG path [{DEFAULT_PLOT}; <out-dir>/lora_quick.png with --quick]")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG (and matplotlib)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--profile", action="store_true",
+                     help="after the timed rounds, one profiled step per contestant: top ops by self time with shapes, "
+                          "rank-r GEMMs and full-size copies, in <out-dir>/profile_<tag>/")
     out.add_argument("--from-json", metavar="PATH", help="measure nothing: redraw table and plot from a saved lora_<tag>.json")
     return p.parse_args(argv)
 
@@ -167,6 +170,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         device=args.device,
         parallel=args.parallel,
         ddp_bucket_mb=args.ddp_bucket_mb,
+        profile_dir=os.path.join(args.out_dir, f"profile_{_tag(args)}") if args.profile else None,
     )
 
 
@@ -190,8 +194,8 @@ def cases_from(args: argparse.Namespace):
 
 def markdown_table(result: BenchResult) -> str:
     """The table for README: a caption naming machine, torch, dtype and shapes, then one row per measurement."""
-    header = ["seq", "rank", "dropout", "contestant", "step ms", "saved MiB", "time vs best peer",
-              "saved vs best peer", "time tax", "saved tax", "compile s"]
+    header = ["seq", "rank", "dropout", "contestant", "step ms", "spread", "saved MiB", "time vs best peer",
+              "vs best peer", "saved vs best peer", "time tax", "saved tax", "compile s"]
     lines = [caption(result), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in result.measurements:
         lines.append("| " + " | ".join(_row_cells(m)) + " |")
@@ -210,7 +214,8 @@ def caption(result: BenchResult) -> str:
         f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
         f"fxlora options {json.dumps(s['fxlora_options_used'])}. Best peer = better of peft-eager and peft-inductor per figure; "
         f"tax = (x - floor) / (best peer - floor). Saved = bytes saved for backward, parameters excluded. "
-        f"* = timed steps spread over {NOISY_SPREAD:.0%} of the median (busy machine?); load average "
+        f"Spread = (2nd largest - 2nd smallest step) / median; \"vs best peer\" says faster or slower only beyond the "
+        f"larger of the two spreads. * = spread over {NOISY_SPREAD:.0%} of the median (busy machine?); load average "
         f"{_load(m.get('loadavg_before'))} before, {_load(m.get('loadavg_after'))} after."
     )
 
@@ -240,9 +245,10 @@ def _load(load) -> str:
 def _row_cells(m: Measurement) -> list[str]:
     lead = [str(m.seq), str(m.rank), f"{m.dropout:g}", m.contestant]
     if m.error:
-        return lead + [f"error: {m.error[:80]}"] + [""] * 6
+        return lead + [f"error: {m.error[:80]}"] + [""] * 8
     return lead + [
-        f"{m.step_ms:.1f}" + ("*" if m.noisy else ""), f"{m.saved_bytes / MIB:.1f}", _ratio(m.time_ratio), _ratio(m.saved_ratio),
+        f"{m.step_ms:.1f}" + ("*" if m.noisy else ""), f"{m.step_spread:.0%}", f"{m.saved_bytes / MIB:.1f}",
+        _ratio(m.time_ratio), m.verdict or "–", _ratio(m.saved_ratio),
         _num(m.time_tax), _num(m.saved_tax), f"{m.compile_s:.1f}".replace("-0.0", "0.0"),
     ]
 
@@ -271,11 +277,17 @@ def write_csv(result: BenchResult, path: str) -> None:
             writer.writerow([*("" if v is None else v for v in row), m.saved_mib, result.settings["dtype"], result.machine["torch"]])
 
 
+def _tag(args: argparse.Namespace) -> str:
+    """The file-name tag of a run, fixed at its start (profiles are written before the table)."""
+    if getattr(args, "_tag", None) is None:
+        tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%d-%H%M%S"))
+        args._tag = f"{args.parallel}{args.world}_{tag}" if args.parallel != "none" and not args.tag else tag
+    return args._tag
+
+
 def write_outputs(result: BenchResult, args: argparse.Namespace) -> list[str]:
     """Write every file the run promises; return their paths for the closing message."""
-    tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%d-%H%M%S"))
-    if args.parallel != "none" and not args.tag:
-        tag = f"{args.parallel}{args.world}_{tag}"
+    tag = _tag(args)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"{args.adapter}_{tag}")
     table = markdown_table(result)

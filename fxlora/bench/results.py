@@ -17,7 +17,7 @@ class Measurement:
     dropout: float
     step_ms: float = float("nan")  # median of the timed steps
     step_ms_all: list[float] = field(default_factory=list)
-    step_spread: float = float("nan")  # (max - min) / median: another process on the cores shows up here
+    step_spread: float = float("nan")  # (2nd largest - 2nd smallest) / median (measuring.md); max - min under 4 steps
     first_step_ms: float = float("nan")
     compile_s: float = float("nan")  # first step minus the median step
     saved_bytes: int = 0  # saved for backward, parameters excluded (they live anyway)
@@ -27,6 +27,8 @@ class Measurement:
     fxlora_sites: Optional[int] = None  # sites fxlora rewrote (every kind), fxlora contestant only
     fxlora_ddp_pieces: Optional[int] = None  # bucket sub-graphs DDP cut fxlora's graphs into (--parallel ddp)
     error: Optional[str] = None
+    profile: Optional[dict] = None  # bench/profile.py's ProfileSummary of one step, with --profile
+    verdict: Optional[str] = None  # against the best peer's time: "faster", "slower" or "within noise"
     time_ratio: Optional[float] = None  # step_ms / best peer's step_ms
     saved_ratio: Optional[float] = None
     time_tax: Optional[float] = None  # (this - floor) / (best peer - floor)
@@ -100,6 +102,18 @@ def derive(measurements: Iterable[Measurement]) -> None:
                 value = getattr(m, figure)
                 setattr(m, ratio, value / peer if peer else None)
                 setattr(m, tax, adapter_tax(value, floor, peer))
+        best = min((group[p] for p in PEERS if p in group), key=lambda m: m.step_ms, default=None)
+        for m in group.values():
+            m.verdict = None if best is None or m is best else verdict(m, best)
+
+
+def verdict(m: Measurement, peer: Measurement) -> str:
+    """Faster or slower than the peer only beyond the larger of the two spreads (measuring.md)."""
+    noise = max(m.step_spread, peer.step_spread)
+    change = m.step_ms / peer.step_ms - 1
+    if abs(change) <= noise:
+        return "within noise"
+    return "faster" if change < 0 else "slower"
 
 
 def _best_peer(group: Mapping[str, Measurement], figure: str) -> Optional[float]:

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora.bench.contestants import Contestant, build_contestant, fxlora_options, make_batch, param_storages, step_loss
+from fxlora.bench.profile import profile_step
 from fxlora.bench.results import BenchResult, Measurement, derive
 from fxlora.bench.spec import VELORA_BENCH, Case, Settings
 
@@ -201,6 +202,11 @@ def measure_case(case: Case, settings: Settings, progress: Progress = Progress()
         _round(_rotated(alive, i), progress, f"{case.label()} timed", lambda c: c.result.step_ms_all.append(timed_step(c, batch, settings, seed)[0]))
     for c in alive:
         _summarise(c.result)
+    if settings.profile_dir:
+        for c in alive:
+            progress.start(f"{case.label()} profile: {c.name}")
+            c.result.profile = _profile(c, case, batch, settings)
+            progress.done()
 
     results = sorted([c.result for c in alive] + failed, key=lambda m: settings.contestants.index(m.contestant))
     _skip_progress(progress, len(failed) * (settings.warmup + settings.steps))
@@ -235,9 +241,21 @@ def _rotated(items: Sequence, i: int) -> list:
     return [*items[k:], *items[:k]]
 
 
+def _profile(c: Contestant, case: Case, batch, settings: Settings) -> dict:
+    os.makedirs(settings.profile_dir, exist_ok=True)
+    path = os.path.join(settings.profile_dir, f"seq{case.seq}_r{case.rank}_p{case.dropout:g}_{c.name}.txt")
+    shape = settings.shape
+    title = f"{c.name}, {case.label()}, batch {shape.batch}, {settings.dtype}, one step (forward + backward + AdamW)"
+    summary = profile_step(lambda: train_step(c, batch, settings, settings.seed), path, title, case.rank,
+                           full_numel=shape.batch * case.seq * shape.hidden, cuda=torch.device(settings.device).type == "cuda")
+    return {**summary.as_dict(), "path": path}
+
+
 def _summarise(m: Measurement) -> None:
     m.step_ms = statistics.median(m.step_ms_all)
-    m.step_spread = (max(m.step_ms_all) - min(m.step_ms_all)) / m.step_ms
+    steps = sorted(m.step_ms_all)
+    inner = steps[1:-1] if len(steps) >= 4 else steps
+    m.step_spread = (inner[-1] - inner[0]) / m.step_ms
     m.compile_s = (m.first_step_ms - m.step_ms) / 1e3
 
 

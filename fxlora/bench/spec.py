@@ -6,7 +6,7 @@ Every other bench module reads these, so this one imports nothing from the bench
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 FLOOR = "floor"
 NOISE = "noise"  # the DiT batch's target, not a model input
@@ -77,6 +77,7 @@ class Settings:
     device: str = "cpu"
     parallel: str = "none"  # "ddp" or "fsdp": each contestant wrapped on every rank (fxlora.bench.ranks)
     ddp_bucket_mb: float = 25.0  # DDP's bucket_cap_mb; small values make Dynamo split each graph into pieces
+    profile_dir: Optional[str] = None  # one profiled step per contestant and case, written here (bench/profile.py)
 
     def __post_init__(self):
         unknown = [c for c in self.contestants if c not in ALL_CONTESTANTS]
@@ -96,7 +97,7 @@ class Settings:
 
 def steps_per_case(settings: Settings) -> int:
     """Steps one case runs: per contestant, warm-up (first one compiles) + saved-bytes probe + timed."""
-    return len(settings.contestants) * (settings.warmup + 1 + settings.steps)
+    return len(settings.contestants) * (settings.warmup + 1 + settings.steps + bool(settings.profile_dir))
 
 
 def contestants_for(contestants: Sequence[str], variants: Sequence[str]) -> tuple[str, ...]:

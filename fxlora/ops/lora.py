@@ -5,11 +5,19 @@ what is saved for backward and in which order the GEMMs run.
 
 Forward forms (RunLoRA, "Run LoRA Run: Faster and Lighter LoRA Implementations", arXiv:2312.03415, Sec. 3 / Table 1; weight-based form: "Activations are not cheap in LoRA, weights are", Table 1):
     1: x W^T + s (x A^T) B^T                  2: x (W + s B A)^T
+    3: x [W + s B A; A]^T: y and X A^T from one GEMM (N = out + r), X A^T kept for dB
+       (T r bytes more than X alone), so backward rebuilds nothing.
 Backward forms are RunLoRA's eight bracketings of dA, dB, dX (Table 1); in PEFT's
 layout (A: r x in, B: out x r), with Z1 = dY B and Z2 = dY^T X (out x in):
     dA: "z1"   s Z1^T X            | "xtdy" s B^T Z2
     dB: "xa"   s dY^T (X A^T)      | "xtdy" s Z2 A^T
     dX: "split" dY W + s (Z1 A)    | "merged" dY (W + s B A)
+fxlora adds two dX bracketings that read dY once for dX and Z1 (backward 9 and 10):
+    "merged_cat" dY [W + s B A | s B] -> dX and s Z1 in one GEMM (N = in + r)
+    "split_cat"  dY [W | s B], then dX += (s Z1 A)(mask): legal with dropout
+With forward 3 and backward 9 the rank-r work left is dA = (s Z1)^T X and dB = s dY^T (X A^T).
+Outputs that come out of a concatenated GEMM (y of forward 3, dX of backward 9) are views
+with row stride out + r (in + r), as their fake says: slicing them out would copy them.
 Neither forward saves X A^T (RunLoRA): backward rebuilds it (2 T r in FLOPs), unless A
 is frozen, where X A^T (T x r) is saved *instead of* X (T x in) (LoRA-FA, arXiv:2308.03303: exact).
 
@@ -44,7 +52,8 @@ from torch import Tensor
 
 from fxlora.ops._common import NO_TENSOR, base_weight
 
-FORWARD_FORMS = (1, 2)
+FORWARD_FORMS = (1, 2, 3)
+MERGED_FORWARD = (2, 3)  # forwards that build W + s B A
 # RunLoRA backward k -> (dA bracketing, dB bracketing, dX bracketing)
 BACKWARD_FORMS = {
     1: ("z1", "xa", "split"),
@@ -55,7 +64,19 @@ BACKWARD_FORMS = {
     6: ("xtdy", "xa", "split"),
     7: ("xtdy", "xa", "merged"),
     8: ("z1", "xtdy", "merged"),
+    9: ("z1", "xa", "merged_cat"),
+    10: ("z1", "xa", "split_cat"),
 }
+MERGED_DX = ("merged", "merged_cat")  # dX bracketings that build W + s B A
+
+
+def strided_rows(t: Tensor, lead: Sequence, width: int, extra: int) -> Tensor:
+    """A (lead..., width) view of a new (T, width + extra) buffer: how forward 3's y and
+    backward 9's dX come out of their concatenated GEMM (the fakes use it too)."""
+    T = 1
+    for d in lead:
+        T *= d
+    return t.new_empty((T, width + extra))[:, :width].view(*lead, width)
 def _rng_state(device: torch.device) -> Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
@@ -66,43 +87,53 @@ def _keep_threshold(p: float) -> int:
     return min(round((1 - p) * 2**31), 2**31 - 1)
 
 
-def _dropout_noise(shape, p: float, dtype: torch.dtype, device, fast: bool) -> Tensor:
-    """The noise dropout multiplies by: keep / (1 - p), keep ~ Bernoulli(1 - p).
-
-    eager (`fast=False`): drawn exactly as ATen's dropout draws it (`bernoulli_`), so the
-    mask equals eager's. fast: 31 uniform bits per element (half an int64 `random_`), kept
-    below round((1-p) 2^31)."""
-    if not fast:
-        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p)
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= d
+    return n
+
+
+def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool) -> Tensor:
+    """Which elements dropout keeps (bool), keep ~ Bernoulli(1 - p).
+
+    eager (`fast=False`): drawn exactly as ATen's dropout draws it (`bernoulli_` on a tensor of
+    x's dtype), so the mask equals eager's. fast: 31 uniform bits per element (half an int64
+    `random_`), kept below round((1-p) 2^31)."""
+    if not fast:
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p) != 0
+    n = _numel(shape)
     words = torch.empty(((n + 1) // 2,), dtype=torch.int64, device=device).random_()
     bits = words.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF)
-    return bits.lt_(_keep_threshold(p)).view(shape).to(dtype).div_(1 - p)
+    return torch.lt(bits, _keep_threshold(p)).view(shape)
 
 
-def _pack_mask(noise: Tensor) -> Tensor:
-    """The mask as 1 bit per element (uint8, ceil(n / 8) bytes)."""
-    keep = (noise != 0).flatten()
-    pad = -keep.numel() % 8
+def _keep_scale(p: float, dtype: torch.dtype, device) -> Tensor:
+    """1 / (1 - p) as ATen's dropout computes it (`noise.div_(1 - p)` on a kept 1.0)."""
+    return torch.ones((), dtype=dtype, device=device).div_(1 - p)
+
+
+_BYTE_TO_BIT = 0x0102040810204080  # (8 bytes of 0/1) * this >> 56 = the 8 bits, byte k at bit k
+
+
+def _pack_mask(keep: Tensor) -> Tensor:
+    """The mask as 1 bit per element (uint8, ceil(n / 8) bytes), in two passes over n/8 words."""
+    flat = keep.reshape(-1).view(torch.uint8)
+    pad = -flat.numel() % 8
     if pad:
-        keep = torch.nn.functional.pad(keep, (0, pad))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=noise.device)
-    return (keep.view(-1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(torch.int64).mul(_BYTE_TO_BIT).bitwise_right_shift_(56).to(torch.uint8)
 
 
-def _unpacked_noise(bits: Tensor, shape: Sequence[int], p: float, dtype: torch.dtype) -> Tensor:
+def _unpacked_keep(bits: Tensor, shape: Sequence[int]) -> Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    n = 1
-    for d in shape:
-        n *= d
-    keep = bits.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1).flatten()[:n]
-    return keep.view(shape).to(dtype).div_(1 - p)
+    keep = bits.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:_numel(shape)]
+    return keep.view(torch.bool).view(shape)
 
 
-def _dropped(x: Tensor, noise: Tensor, dtype: torch.dtype) -> Tensor:
-    return (x.to(noise.dtype) * noise).to(dtype)
+def _dropped(x: Tensor, keep: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """dropout(x) given its mask: x * noise as ATen computes it, for finite x (where x * 0 = 0)."""
+    return torch.where(keep, x.to(scale.dtype) * scale, 0).to(dtype)
 
 
 def _merged_weight(W: Tensor, A: Tensor, B: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
@@ -153,14 +184,23 @@ def lora_linear(
     if dropout_p > 0:
         if not packed_mask:
             record = _rng_state(x.device)
-        noise = _dropout_noise(x.shape, dropout_p, mask_dtype, x.device, fast_rng)
+        keep = _draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng)
         if packed_mask:
-            record = _pack_mask(noise)
-        x_in = _dropped(x, noise, adapter_dtype)
+            record = _pack_mask(keep)
+        x_in = _dropped(x, keep, _keep_scale(dropout_p, mask_dtype, x.device), adapter_dtype)
     else:
         x_in = x.to(adapter_dtype)
     b = None if bias is None else bias.to(base_dtype)
-    if forward_form == 2:  # x (W + s B A)^T: one big GEMM, the merged weight is transient
+    if forward_form == 3:  # x [W + s B A; A]^T: y and X A^T from one GEMM
+        o, r = W.shape[0], A.shape[0]
+        cat = torch.empty((o + r, W.shape[1]), dtype=adapter_dtype, device=W.device)
+        torch.addmm(W.to(adapter_dtype), s * B, A, out=cat[:o])
+        cat[o:].copy_(A)
+        b_cat = None if b is None else torch.cat([b.to(adapter_dtype), b.new_zeros(r, dtype=adapter_dtype)])
+        out = torch.nn.functional.linear(x_in.flatten(0, -2), cat, b_cat)
+        y = out[:, :o].view(*x.shape[:-1], o)
+        xa_full = out[:, o:].clone().view(*x.shape[:-1], r)
+    elif forward_form == 2:  # x (W + s B A)^T: one big GEMM, the merged weight is transient
         merged = _merged_weight(W, A, B, s, adapter_dtype)
         y = torch.nn.functional.linear(x_in, merged.to(base_dtype), b)
         y = y.to(torch.promote_types(base_dtype, adapter_dtype))
@@ -174,7 +214,7 @@ def lora_linear(
             y = base.view(-1, base.shape[-1]).addmm_(xa_full.flatten(0, -2), (s * B).t()).view(base.shape)
         else:
             y = base + s * torch.nn.functional.linear(xa_full, B)
-    if save_xa:
+    if save_xa or forward_form == 3:
         xa = xa_full
     return y, xa, record
 
@@ -194,28 +234,33 @@ def _record_size(x: Tensor, dropout_p: float, packed_mask: bool) -> tuple[int, s
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype, adapter_dtype,
       forward_form, backward_form, conv1d, save_xa, after=None, fast_rng=False, packed_mask=False):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
-    y = x.new_empty((*x.shape[:-1], out_features), dtype=torch.promote_types(base_dtype, adapter_dtype))
-    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if save_xa else NO_TENSOR, dtype=adapter_dtype)
+    out_dtype = torch.promote_types(base_dtype, adapter_dtype)
+    if forward_form == 3:
+        y = strided_rows(x.new_empty(NO_TENSOR, dtype=out_dtype), x.shape[:-1], out_features, lora_A.shape[0])
+    else:
+        y = x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
+    keep_xa = save_xa or forward_form == 3
+    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if keep_xa else NO_TENSOR, dtype=adapter_dtype)
     n, device = _record_size(x, dropout_p, packed_mask)
     record = x.new_empty((n,), dtype=torch.uint8, device=device if device == "cpu" else x.device)
     return y, xa, record
 
 
-def _replayed_noise(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype,
-                    device: torch.device, fast: bool) -> Tensor:
-    """The forward's dropout noise, drawn again from the saved RNG state; the caller's RNG is untouched."""
+def _replayed_keep(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype,
+                   device: torch.device, fast: bool) -> Tensor:
+    """The forward's dropout mask, drawn again from the saved RNG state; the caller's RNG is untouched."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
         if device.type == "cuda":
             torch.cuda.set_rng_state(rng_state, device)
         else:
             torch.set_rng_state(rng_state)
-        return _dropout_noise(shape, p, mask_dtype, device, fast)
+        return _draw_keep(shape, p, mask_dtype, device, fast)
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, scale, p, mask_dtype, base_dtype, adapter_dtype,
-     _fwd, bwd, conv1d, save_xa, *rest) = inputs
+     fwd, bwd, conv1d, save_xa, *rest) = inputs
     fast_rng, packed_mask = (*rest[1:], False, False)[:2]
     _y, xa, record = output
     ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, x.dtype)
@@ -223,9 +268,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.n_inputs = len(inputs)
     # What backward keeps alive: X (or X A^T when A is frozen), the mask record, and parameters
-    # (which exist anyway). X A^T is never kept alongside X.
-    ctx.save_for_backward(None if save_xa else x, weight, lora_A, lora_B, scale, xa if save_xa else None,
-                          record if p > 0 else None)
+    # (which exist anyway). X A^T is kept alongside X only by forward 3, which got it for free.
+    ctx.save_for_backward(None if save_xa else x, weight, lora_A, lora_B, scale,
+                          xa if save_xa or fwd == 3 else None, record if p > 0 else None)
 
 
 def _backward(ctx, dy, _dxa, _drecord):
@@ -268,52 +313,76 @@ def lora_linear_backward(
     W = base_weight(weight, conv1d).to(base_dtype)
     x_shape = (*dy.shape[:-1], W.shape[1])
     dy_a = dy.to(adapter_dtype).flatten(0, -2)  # (T, out)
-    noise = None
+    keep = scale = None
     if dropout_p > 0:
-        noise = (_unpacked_noise(record, x_shape, dropout_p, mask_dtype) if packed_mask
-                 else _replayed_noise(record, x_shape, dropout_p, mask_dtype, dy.device, fast_rng))
+        keep = (_unpacked_keep(record, x_shape) if packed_mask
+                else _replayed_keep(record, x_shape, dropout_p, mask_dtype, dy.device, fast_rng))
+        scale = _keep_scale(dropout_p, mask_dtype, dy.device)
     x_in = None
     if x is not None:
-        x_in = (_dropped(x, noise, adapter_dtype) if noise is not None else x.to(adapter_dtype)).flatten(0, -2)
+        x_in = (_dropped(x, keep, scale, adapter_dtype) if keep is not None else x.to(adapter_dtype)).flatten(0, -2)
 
-    z1 = _dy_b(dy_a, s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
-    z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and not save_xa) else None
+    dX = None
+    if need_x and dX_by in ("merged_cat", "split_cat"):  # dX (or dY W) and s Z1 from one GEMM over dY
+        o, i, r = W.shape[0], W.shape[1], A.shape[0]
+        cat = torch.empty((o, i + r), dtype=adapter_dtype, device=W.device)
+        if dX_by == "merged_cat":
+            cat[:, :i] = _merged_weight(W, A, B, s, adapter_dtype)
+        else:
+            cat[:, :i] = W
+        cat[:, i:] = s * B
+        out = dy_a @ cat
+        dX, z1 = out[:, :i].view(x_shape), out[:, i:]
+        if dX_by == "split_cat":
+            adapter_dx = (z1 @ A).view(x_shape)
+            dX = dX + (_dropped(adapter_dx, keep, scale, adapter_dx.dtype) if keep is not None else adapter_dx)
+    else:
+        z1 = _dy_b(dy_a, s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
+    z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and xa is None) else None
 
-    dX, db, dA, dB = (dy.new_empty(NO_TENSOR) for _ in range(4))
+    db, dA, dB = (dy.new_empty(NO_TENSOR) for _ in range(3))
     if need_A:
         dA = (z1.t() @ x_in if dA_by == "z1" else s * (B.t() @ z2)).to(lora_A.dtype)
     if need_B:
-        if save_xa:
+        if xa is not None:  # saved by forward 3, or instead of X when A is frozen
             dB = s * _dyt_xa(dy_a, xa.flatten(0, -2))
         elif dB_by == "xa":
             dB = s * _dyt_xa(dy_a, x_in @ A.t())
         else:
             dB = s * (z2 @ A.t())
         dB = dB.to(lora_B.dtype)
-    if need_x:
+    if need_x and dX is not None:
+        dX = dX.to(x_dtype)  # merged_cat in x's dtype stays the strided view its fake describes
+    elif need_x:
         dy_b = dy.to(base_dtype)
         if dX_by == "merged":
             merged = _merged_weight(W, A, B, s, adapter_dtype)
             dX = dy_b @ merged.to(base_dtype)
         else:
-            if noise is None and base_dtype == adapter_dtype:  # accumulate into the base GEMM's output
+            if keep is None and base_dtype == adapter_dtype:  # accumulate into the base GEMM's output
                 dX = (dy_b.flatten(0, -2) @ W).addmm_(z1, A).view(x_shape)
             else:
                 adapter_dx = (z1 @ A).view(x_shape)
-                if noise is not None:
-                    adapter_dx = adapter_dx * noise
+                if keep is not None:
+                    adapter_dx = _dropped(adapter_dx, keep, scale, adapter_dx.dtype)
                 dX = dy_b @ W + adapter_dx
         dX = dX.to(x_dtype)
     if need_b:
         db = dy.flatten(0, -2).sum(0)
+    if dX is None:
+        dX = dy.new_empty(NO_TENSOR)
     return dX, db, dA, dB
 
 
-def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs,
+               strided_dx: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fake (dX, db, dA, dB) of a LoRA-linear backward op: shaped as the gradients in `needs`, empty otherwise."""
     need_x, need_b, need_A, need_B = needs
     in_features = weight.shape[0] if conv1d else weight.shape[1]
-    dX = dy.new_empty((*dy.shape[:-1], in_features) if need_x else NO_TENSOR, dtype=x_dtype if need_x else dy.dtype)
+    if need_x and strided_dx:
+        dX = strided_rows(dy.new_empty(NO_TENSOR, dtype=x_dtype), dy.shape[:-1], in_features, lora_A.shape[0])
+    else:
+        dX = dy.new_empty((*dy.shape[:-1], in_features) if need_x else NO_TENSOR, dtype=x_dtype if need_x else dy.dtype)
     db = dy.new_empty((dy.shape[-1],) if need_b else NO_TENSOR)
     dA = lora_A.new_empty(lora_A.shape) if need_A else dy.new_empty(NO_TENSOR)
     dB = lora_B.new_empty(lora_B.shape) if need_B else dy.new_empty(NO_TENSOR)
@@ -323,7 +392,8 @@ def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs) -> tupl
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, scale, xa, record, dropout_p, mask_dtype, base_dtype, adapter_dtype,
       backward_form, conv1d, save_xa, x_dtype, needs, fast_rng=False, packed_mask=False):
-    return fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs)
+    return fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs,
+                      strided_dx=BACKWARD_FORMS[backward_form][2] == "merged_cat" and x_dtype == adapter_dtype)
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -66,15 +66,15 @@ def _grads(out, cot, leaves):
 
 def _legal(c, fwd, bwd):
     # with dropout the adapter sees drop(x) and the base x: no merged weight, forward or dX
-    return not (c["p"] > 0 and (fwd == 2 or lora_ops.BACKWARD_FORMS[bwd][2] == "merged"))
+    return not (c["p"] > 0 and (fwd in lora_ops.MERGED_FORWARD or lora_ops.BACKWARD_FORMS[bwd][2] in lora_ops.MERGED_DX))
 
 
-FAST_FORMS = {(1, 1), (1, 3), (2, 4), (1, 5), (2, 8)}
+FAST_FORMS = {(1, 1), (1, 3), (2, 4), (1, 5), (2, 8), (3, 9), (1, 10)}
 
 
 @pytest.mark.parametrize(
     "fwd, bwd",
-    [pytest.param(f, b, marks=() if (f, b) in FAST_FORMS else (pytest.mark.slow,)) for f in (1, 2) for b in range(1, 9)],
+    [pytest.param(f, b, marks=() if (f, b) in FAST_FORMS else (pytest.mark.slow,)) for f in lora_ops.FORWARD_FORMS for b in lora_ops.BACKWARD_FORMS],
 )
 @settings(**SETTINGS)
 @given(c=lora_cases())

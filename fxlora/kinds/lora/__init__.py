@@ -50,8 +50,13 @@ def shape(site: LoraSite, config: Config) -> LoraShape:
     )
 
 
+FAST_MASKS = "dropout masks from the fast generator (Inductor's rule: eager's masks only with fallback_random=True)"
+
+
 def site_forms(site: LoraSite, shape: LoraShape, config: Config):
     lossy, note = velora_forms(site, shape, config)
+    if shape.dropout and not shape.eager_masks:
+        note = f"{note}; {FAST_MASKS}" if note else FAST_MASKS
     return [*_forms.candidate_forms(shape), *lossy], note
 
 

@@ -1,7 +1,9 @@
 """LoRA's forms: FLOPs and saved-for-backward bytes of every way to compute a LoRA linear.
 
-RunLoRA (arXiv:2312.03415) Table 1 gives 2 forward and 8 backward bracketings; the pair is
-a form "f<forward>/b<backward>", implemented by fxlora.ops.lora. Symbols are fxlora.cost's
+RunLoRA (arXiv:2312.03415) Table 1 gives 2 forward and 8 backward bracketings; fxlora adds a
+forward and two backwards that share one GEMM over x (or dY) between the base and the
+adapter (forward 3, backward 9 and 10: fxlora.ops.lora). The pair is a form
+"f<forward>/b<backward>", implemented by fxlora.ops.lora. Symbols are fxlora.cost's
 (T tokens, i in, o out, r rank); the chooser is fxlora.cost.core.choose_form, with a FLOP
 budget: every exact form saves about the same, so FLOPs must stay near the cheapest.
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import sympy
 
 from fxlora.cost.core import ZERO, Form, I, O, R, T
-from fxlora.ops.lora import BACKWARD_FORMS, FORWARD_FORMS
+from fxlora.ops.lora import BACKWARD_FORMS, FORWARD_FORMS, MERGED_DX, MERGED_FORWARD
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,12 @@ def _gemm(m, n, k):
 
 
 def forward_flops(form: int, save_xa: bool) -> sympy.Expr:
-    """RunLoRA Table 1: forward1 2T(io + ri + or), forward2 2(ior + Tio) (+ X A^T when it is saved)."""
+    """RunLoRA Table 1: forward1 2T(io + ri + or), forward2 2(ior + Tio) (+ X A^T when it is saved);
+    forward 3 (fxlora.ops.lora): 2(ior + T(o + r)i), the X A^T columns riding on the base GEMM."""
     if form == 1:
         return _gemm(T, O, I) + _gemm(T, R, I) + _gemm(T, O, R)
+    if form == 3:
+        return _gemm(O, I, R) + _gemm(T, O + R, I)
     return _gemm(O, I, R) + _gemm(T, O, I) + (_gemm(T, R, I) if save_xa else 0)
 
 
@@ -66,8 +71,8 @@ def backward_flops(form: int, shape: LoraShape, save_xa: bool) -> sympy.Expr:
     dA_by, dB_by, dX_by = BACKWARD_FORMS[form]
     need_A, need_B, need_x = shape.a_trainable, shape.b_trainable, shape.x_needs_grad
     flops = 0
-    if (need_A and dA_by == "z1") or (need_x and dX_by == "split"):
-        flops += _gemm(T, R, O)  # Z1 = dY B
+    if (need_A and dA_by == "z1") or (need_x and dX_by != "merged"):
+        flops += _gemm(T, R, O)  # Z1 = dY B (the *_cat bracketings: r more columns of dX's GEMM)
     if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and not save_xa):
         flops += _gemm(O, I, T)  # Z2 = dY^T X
     if need_A:
@@ -80,15 +85,16 @@ def backward_flops(form: int, shape: LoraShape, save_xa: bool) -> sympy.Expr:
         else:
             flops += _gemm(O, R, I)
     if need_x:
-        if dX_by == "merged":
+        if dX_by in MERGED_DX:
             flops += _gemm(O, I, R) + _gemm(T, I, O)
         else:
             flops += _gemm(T, I, O) + _gemm(T, I, R)
     return flops
 
 
-def saved_bytes(shape: LoraShape, save_xa: bool, packed_mask: bool = False) -> sympy.Expr:
-    """What the op keeps for backward beyond parameters: X (T i), or X A^T (T r) when A is frozen.
+def saved_bytes(shape: LoraShape, save_xa: bool, packed_mask: bool = False, keeps_xa: bool = False) -> sympy.Expr:
+    """What the op keeps for backward beyond parameters: X (T i), or X A^T (T r) when A is frozen;
+    forward 3 (`keeps_xa`) keeps X A^T as well as X.
 
     A replayed dropout mask adds only its RNG state (a few KiB at most, counted as 0); a
     packed one adds T i / 8 bytes (1 bit per element of x).
@@ -97,7 +103,7 @@ def saved_bytes(shape: LoraShape, save_xa: bool, packed_mask: bool = False) -> s
     if save_xa:
         return T * R * shape.adapter_bytes + mask
     if shape.a_trainable or shape.b_trainable:
-        return T * I * shape.x_bytes + mask
+        return T * I * shape.x_bytes + mask + (T * R * shape.adapter_bytes if keeps_xa else ZERO)
     return ZERO
 
 
@@ -109,7 +115,7 @@ def transient_bytes(forward: int, backward: int, shape: LoraShape) -> sympy.Expr
     resharding intact (docs/distributed.md): at most one merged copy at a time, never
     between forward and backward.
     """
-    merged = forward == 2 or (shape.x_needs_grad and BACKWARD_FORMS[backward][2] == "merged")
+    merged = forward in MERGED_FORWARD or (shape.x_needs_grad and BACKWARD_FORMS[backward][2] in MERGED_DX)
     return O * I * shape.adapter_bytes if merged else ZERO
 
 
@@ -144,18 +150,24 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
     forms = []
     for fwd in FORWARD_FORMS:
         for bwd in BACKWARD_FORMS:
+            dX_by = BACKWARD_FORMS[bwd][2]
             why_not = ""
-            if shape.dropout and fwd == 2:
+            if shape.dropout and fwd in MERGED_FORWARD:
                 why_not = "dropout: W x and B A drop(x) read different inputs, no merged weight"
-            elif shape.dropout and BACKWARD_FORMS[bwd][2] == "merged":
+            elif shape.dropout and dX_by in MERGED_DX:
                 why_not = "dropout: dX of the adapter passes the mask, no merged weight"
-            elif shape.mixed_dtypes and (fwd == 2 or BACKWARD_FORMS[bwd][2] == "merged"):
+            elif shape.mixed_dtypes and (fwd in MERGED_FORWARD or dX_by in MERGED_DX):
                 why_not = "base and adapter compute in different dtypes: W + s B A would change the rounding"
-            flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, save_xa))
+            elif shape.mixed_dtypes and dX_by == "split_cat":
+                why_not = "base and adapter compute in different dtypes: [W | s B] is one GEMM in one dtype"
+            elif not shape.x_needs_grad and dX_by.endswith("_cat"):
+                why_not = "x needs no gradient: no dX GEMM to share with dY B"
+            xa_saved = save_xa or fwd == 3
+            flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, xa_saved))
             masks = (False, True) if shape.dropout and not why_not else (False,)
             for packed in masks:
                 forms.append(Form(
-                    f"f{fwd}/b{bwd}" + ("+bits" if packed else ""), flops, saved_bytes(shape, save_xa, packed),
+                    f"f{fwd}/b{bwd}" + ("+bits" if packed else ""), flops, saved_bytes(shape, save_xa, packed, fwd == 3),
                     not why_not, why_not, transient_bytes=transient_bytes(fwd, bwd, shape),
                     spec=LoraSpec(fwd, bwd, packed, shape.dropout and not shape.eager_masks),
                 ))

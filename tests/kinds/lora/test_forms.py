@@ -4,7 +4,7 @@ import sympy
 from fxlora.cost import core
 from fxlora.cost.core import I, O, R, T
 from fxlora.kinds.lora import forms as cost
-from fxlora.ops.lora import BACKWARD_FORMS
+from fxlora.ops.lora import BACKWARD_FORMS, FORWARD_FORMS
 
 # RunLoRA (arXiv:2312.03415) Table 1, backward6 corrected to the GEMMs it names (see backward_flops).
 TABLE_1 = {
@@ -59,14 +59,14 @@ def test_forced_form_and_illegal_force_explained():
     assert best.form.spec.forward == 1 and "illegal here (dropout" in why
 
 
-@pytest.mark.parametrize("forward,backward", [(f, b) for f in (1, 2) for b in BACKWARD_FORMS])
+@pytest.mark.parametrize("forward,backward", [(f, b) for f in FORWARD_FORMS for b in BACKWARD_FORMS])
 def test_merged_weight_is_priced_only_where_a_form_builds_it(forward, backward):
-    """Forward 2 and the merged-dX backwards build W + s B A (o x i) inside the op (docs/distributed.md)."""
+    """Forwards 2, 3 and the merged-dX backwards build W + s B A (o x i) inside the op (docs/distributed.md)."""
     shape = cost.LoraShape(T, I, O, R, x_bytes=4, adapter_bytes=4)
-    merged = forward == 2 or BACKWARD_FORMS[backward][2] == "merged"
+    merged = forward in (2, 3) or BACKWARD_FORMS[backward][2] in ("merged", "merged_cat")
     assert cost.transient_bytes(forward, backward, shape) == (4 * O * I if merged else 0)
     no_dx = cost.LoraShape(T, I, O, R, x_bytes=4, adapter_bytes=4, x_needs_grad=False)
-    assert cost.transient_bytes(forward, backward, no_dx) == (4 * O * I if forward == 2 else 0)
+    assert cost.transient_bytes(forward, backward, no_dx) == (4 * O * I if forward in (2, 3) else 0)
     (priced,) = core.price([core.Form(f"f{forward}/b{backward}", 0, 0, transient_bytes=O * I * 4)],
                            cost.LoraShape(8, 16, 32, 4, x_bytes=4, adapter_bytes=4))
     assert priced.transient_bytes == 32 * 16 * 4
