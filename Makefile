@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all test-peft test-oldest bench install clean
+.PHONY: demo test test-all test-peft test-oldest bench bench-gpu install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -46,6 +46,16 @@ test-oldest: $(OLDEST)/.installed
 
 bench: $(STAMP)
 	$(BIN)/python -m fxlora.bench $(BENCH_ARGS)
+
+# One GPU: bf16, a Llama-shaped model of ~0.5B parameters (h2048, 8 layers, seq 4096, batch 1),
+# LoRA r16 on all linears, dropout 0 and 0.05; floor / peft-eager / peft-inductor / fxlora
+# interleaved, with one profiled step each. Writes benchmarks/lora_gpu_<date>.{md,json,csv},
+# its plot and profiles (docs/results.md). Then the GPU tests: pytest -m gpu.
+GPU_BENCH := --device cuda --dtype bf16 --hidden 2048 --intermediate 5632 --layers 8 --heads 16 --vocab 32000 \
+	--batch 1 --seqs 4096 --ranks 16 --dropouts 0,0.05 --steps 7 --warmup 2 --profile
+bench-gpu: $(STAMP)
+	$(BIN)/python -m fxlora.bench $(GPU_BENCH) --tag gpu_$$(date +%Y%m%d) --plot benchmarks/lora_gpu.png $(BENCH_ARGS)
+	$(BIN)/python -m pytest -m gpu -q
 
 clean:
 	rm -rf $(VENV) $(OLDEST) *.egg-info .pytest_cache build

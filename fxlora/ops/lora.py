@@ -131,9 +131,11 @@ def _unpacked_keep(bits: Tensor, shape: Sequence[int]) -> Tensor:
     return keep.view(torch.bool).view(shape)
 
 
-def _dropped(x: Tensor, keep: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """dropout(x) given its mask: x * noise as ATen computes it, for finite x (where x * 0 = 0)."""
-    return torch.where(keep, x.to(scale.dtype) * scale, 0).to(dtype)
+def _masked(x: Tensor, keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """x where dropout keeps it, 0 elsewhere: one pass. dropout's 1 / (1 - p) is folded into the
+    adapter's scale s (a scalar on the r-wide factors, not a pass over T x i), so the op computes
+    eager's s (x * noise) A^T B^T re-associated: equal within float rounding, for finite x."""
+    return torch.where(keep, x, 0).to(dtype)
 
 
 def _merged_weight(W: Tensor, A: Tensor, B: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
@@ -187,7 +189,8 @@ def lora_linear(
         keep = _draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng)
         if packed_mask:
             record = _pack_mask(keep)
-        x_in = _dropped(x, keep, _keep_scale(dropout_p, mask_dtype, x.device), adapter_dtype)
+        x_in = _masked(x, keep, adapter_dtype)
+        s = s * _keep_scale(dropout_p, mask_dtype, x.device).to(adapter_dtype)
     else:
         x_in = x.to(adapter_dtype)
     b = None if bias is None else bias.to(base_dtype)
@@ -313,14 +316,14 @@ def lora_linear_backward(
     W = base_weight(weight, conv1d).to(base_dtype)
     x_shape = (*dy.shape[:-1], W.shape[1])
     dy_a = dy.to(adapter_dtype).flatten(0, -2)  # (T, out)
-    keep = scale = None
+    keep = None
     if dropout_p > 0:
         keep = (_unpacked_keep(record, x_shape) if packed_mask
                 else _replayed_keep(record, x_shape, dropout_p, mask_dtype, dy.device, fast_rng))
-        scale = _keep_scale(dropout_p, mask_dtype, dy.device)
+        s = s * _keep_scale(dropout_p, mask_dtype, dy.device).to(adapter_dtype)  # as forward folded it
     x_in = None
     if x is not None:
-        x_in = (_dropped(x, keep, scale, adapter_dtype) if keep is not None else x.to(adapter_dtype)).flatten(0, -2)
+        x_in = (_masked(x, keep, adapter_dtype) if keep is not None else x.to(adapter_dtype)).flatten(0, -2)
 
     dX = None
     if need_x and dX_by in ("merged_cat", "split_cat"):  # dX (or dY W) and s Z1 from one GEMM over dY
@@ -335,7 +338,7 @@ def lora_linear_backward(
         dX, z1 = out[:, :i].view(x_shape), out[:, i:]
         if dX_by == "split_cat":
             adapter_dx = (z1 @ A).view(x_shape)
-            dX = dX + (_dropped(adapter_dx, keep, scale, adapter_dx.dtype) if keep is not None else adapter_dx)
+            dX = dX + (adapter_dx.mul_(keep) if keep is not None else adapter_dx)
     else:
         z1 = _dy_b(dy_a, s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
     z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and xa is None) else None
@@ -361,10 +364,12 @@ def lora_linear_backward(
         else:
             if keep is None and base_dtype == adapter_dtype:  # accumulate into the base GEMM's output
                 dX = (dy_b.flatten(0, -2) @ W).addmm_(z1, A).view(x_shape)
+            elif base_dtype == adapter_dtype:  # the masked adapter term, then the base GEMM accumulates into it
+                dX = (z1 @ A).mul_(keep.flatten(0, -2)).addmm_(dy_b.flatten(0, -2), W).view(x_shape)
             else:
                 adapter_dx = (z1 @ A).view(x_shape)
                 if keep is not None:
-                    adapter_dx = _dropped(adapter_dx, keep, scale, adapter_dx.dtype)
+                    adapter_dx = adapter_dx.mul_(keep)
                 dX = dy_b @ W + adapter_dx
         dX = dX.to(x_dtype)
     if need_b:
