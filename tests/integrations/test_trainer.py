@@ -88,7 +88,7 @@ def test_import_fxlora_registers_with_accelerate_before_and_after():
 def test_options_from_environment(monkeypatch):
     monkeypatch.setenv("FXLORA_OPTIONS", '{"objective": "flops"}')
     assert fxlora.Config.from_options(None).objective == "flops"
-    assert fxlora.Config.from_options({}).objective == "saved_bytes"  # explicit options win
+    assert fxlora.Config.from_options({}).objective == "time"  # explicit options win
     monkeypatch.setenv("FXLORA_OPTIONS", '{"objectiv": "flops"}')
     with pytest.raises(ValueError, match="unknown fxlora option 'objectiv'"):
         fxlora.Config.from_options(None)
