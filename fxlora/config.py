@@ -104,7 +104,7 @@ class Config:
                 raise ValueError(f"fxlora option {budget!r} must be a number >= 0 (0.1 = 10%), got {v!r}")
         if self.force_form is not None and self.forced_form() is None:
             raise ValueError(
-                f"fxlora option 'force_form' must look like 'f1/b5' (forward 1-3, backward 1-10, '+bits' for a packed dropout mask), got {self.force_form!r}"
+                f"fxlora option 'force_form' must look like 'f1/b5' (forward 1-4, backward 1-10, '+bits' for a packed dropout mask), got {self.force_form!r}"
             )
         _check_choice("scaling_form", self.scaling_form, SCALING_FORMS)
         if self.compress is not None:
@@ -151,7 +151,7 @@ class Config:
         return cls(**ours)
 
     def forced_form(self) -> Optional[tuple[int, int]]:
-        found = re.fullmatch(r"f([123])/b(10|[1-9])(\+bits)?", self.force_form) if isinstance(self.force_form, str) else None
+        found = re.fullmatch(r"f([1-4])/b(10|[1-9])(\+bits)?", self.force_form) if isinstance(self.force_form, str) else None
         return (int(found[1]), int(found[2])) if found else None
 
     def eager_masks(self) -> bool:

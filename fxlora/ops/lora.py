@@ -7,6 +7,7 @@ Forward forms (RunLoRA, "Run LoRA Run: Faster and Lighter LoRA Implementations",
     1: x W^T + s (x A^T) B^T                  2: x (W + s B A)^T
     3: x [W + s B A; A]^T: y and X A^T from one GEMM (N = out + r), X A^T kept for dB
        (T r bytes more than X alone), so backward rebuilds nothing.
+    4: forward 1, keeping the X A^T it computed anyway (T r bytes) instead of rebuilding it.
 Backward forms are RunLoRA's eight bracketings of dA, dB, dX (Table 1); in PEFT's
 layout (A: r x in, B: out x r), with Z1 = dY B and Z2 = dY^T X (out x in):
     dA: "z1"   s Z1^T X            | "xtdy" s B^T Z2
@@ -52,8 +53,9 @@ from torch import Tensor
 
 from fxlora.ops._common import NO_TENSOR, base_weight
 
-FORWARD_FORMS = (1, 2, 3)
+FORWARD_FORMS = (1, 2, 3, 4)
 MERGED_FORWARD = (2, 3)  # forwards that build W + s B A
+KEEPS_XA = (3, 4)  # forwards that keep X A^T for backward beside X
 # RunLoRA backward k -> (dA bracketing, dB bracketing, dX bracketing)
 BACKWARD_FORMS = {
     1: ("z1", "xa", "split"),
@@ -217,7 +219,7 @@ def lora_linear(
             y = base.view(-1, base.shape[-1]).addmm_(xa_full.flatten(0, -2), (s * B).t()).view(base.shape)
         else:
             y = base + s * torch.nn.functional.linear(xa_full, B)
-    if save_xa or forward_form == 3:
+    if save_xa or forward_form in KEEPS_XA:
         xa = xa_full
     return y, xa, record
 
@@ -242,7 +244,7 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype,
         y = strided_rows(x.new_empty(NO_TENSOR, dtype=out_dtype), x.shape[:-1], out_features, lora_A.shape[0])
     else:
         y = x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
-    keep_xa = save_xa or forward_form == 3
+    keep_xa = save_xa or forward_form in KEEPS_XA
     xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if keep_xa else NO_TENSOR, dtype=adapter_dtype)
     n, device = _record_size(x, dropout_p, packed_mask)
     record = x.new_empty((n,), dtype=torch.uint8, device=device if device == "cpu" else x.device)
@@ -271,9 +273,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.n_inputs = len(inputs)
     # What backward keeps alive: X (or X A^T when A is frozen), the mask record, and parameters
-    # (which exist anyway). X A^T is kept alongside X only by forward 3, which got it for free.
+    # (which exist anyway). X A^T is kept alongside X only by forwards 3 and 4, which computed it anyway.
     ctx.save_for_backward(None if save_xa else x, weight, lora_A, lora_B, scale,
-                          xa if save_xa or fwd == 3 else None, record if p > 0 else None)
+                          xa if save_xa or fwd in KEEPS_XA else None, record if p > 0 else None)
 
 
 def _backward(ctx, dy, _dxa, _drecord):

@@ -10,7 +10,7 @@ import pytest
 
 from fxlora.bench import __main__ as cli
 from fxlora.bench.contestants import ATTACH
-from fxlora.bench.results import adapter_tax
+from fxlora.bench.results import Measurement, adapter_tax, verdict
 from fxlora.bench.run import run_sweep
 from fxlora.bench.spec import ADAPTERS, CONTESTANTS, Case, ModelShape, Settings
 
@@ -56,6 +56,28 @@ def test_adapter_tax():
     assert adapter_tax(15.0, floor=10.0, peer=20.0) == pytest.approx(0.5)
     assert adapter_tax(15.0, floor=10.0, peer=10.0) is None
     assert adapter_tax(15.0, floor=None, peer=20.0) is None
+
+
+def test_verdict_says_faster_or_slower_only_beyond_the_spread():
+    peer = Measurement("peft-inductor", 16, 4, 0.0, step_ms=100.0, step_spread=0.05)
+    assert verdict(Measurement("fxlora", 16, 4, 0.0, step_ms=97.0, step_spread=0.02), peer) == "within noise"
+    assert verdict(Measurement("fxlora", 16, 4, 0.0, step_ms=90.0, step_spread=0.02), peer) == "faster"
+    assert verdict(Measurement("fxlora", 16, 4, 0.0, step_ms=110.0, step_spread=0.2), peer) == "within noise"
+    assert verdict(Measurement("fxlora", 16, 4, 0.0, step_ms=130.0, step_spread=0.2), peer) == "slower"
+
+
+def test_profile_writes_top_ops_and_counts(tmp_path):
+    """--profile: one step per contestant under torch.profiler, its top ops and rank-r GEMM counts."""
+    argv = ["--inner", "aot_eager", "--steps", "1", "--warmup", "1", "--seqs", "16", "--ranks", "4", "--dropouts", "0",
+            "--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4", "--vocab", "128",
+            "--contestants", "floor,fxlora", "--out-dir", str(tmp_path), "--tag", "p", "--no-plot", "--no-progress",
+            "--profile"]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "lora_p.json").read_text())
+    fx = next(m for m in data["measurements"] if m["contestant"] == "fxlora")
+    assert fx["profile"]["rank_gemms"] > 0 and fx["profile"]["gemms"] >= fx["profile"]["rank_gemms"]
+    text = (tmp_path / "profile_p" / "seq16_r4_p0_fxlora.txt").read_text()
+    assert "rank-4" in text and "Input Shapes" in text
 
 
 def test_every_adapter_has_one_builder():

@@ -10,10 +10,10 @@ from fxlora.testing.models import HandLoRALinear, randomize_lora_B, tiny_model, 
 from tests.helpers import assert_same_step
 from tests.robustness.common import FP32, compiled, rejections, rewritten, step
 
-FORMS = ["f1/b1", "f1/b3", "f2/b4", "f1/b5", "f1/b8", "f3/b9", "f2/b10"]
+FORMS = ["f1/b1", "f1/b3", "f2/b4", "f1/b5", "f1/b8", "f3/b9", "f2/b10", "f4/b1"]
 # With dropout the adapter's dX carries the mask, so merged-weight forms (forward 2, dX "merged")
 # are illegal; these are the legal ones.
-DROPOUT_FORMS = ["f1/b1", "f1/b2", "f1/b3", "f1/b6", "f1/b10", "f1/b1+bits", "f1/b10+bits"]
+DROPOUT_FORMS = ["f1/b1", "f1/b2", "f1/b3", "f1/b6", "f1/b10", "f1/b1+bits", "f1/b10+bits", "f4/b1+bits", "f4/b10"]
 
 
 # --- failures of fused kernels -------------------------------------------------------
@@ -194,7 +194,7 @@ def test_hand_written_look_alikes_are_left_alone(model, reason):
         ({"verfy": True}, "unknown fxlora option 'verfy'"),
         ({"verify": "yes"}, "'verify' must be True or False"),
         ({"flop_budget": -1}, "'flop_budget' must be a number >= 0"),
-        ({"force_form": "f4/b1"}, "'force_form' must look like"),
+        ({"force_form": "f5/b1"}, "'force_form' must look like"),
         ({"inductor": {"no_such_key": 1}}, "unknown Inductor config keys"),
         (["inner", "eager"], "options must be a dict or fxlora.Config"),
     ],

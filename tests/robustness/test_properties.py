@@ -69,7 +69,7 @@ def _legal(c, fwd, bwd):
     return not (c["p"] > 0 and (fwd in lora_ops.MERGED_FORWARD or lora_ops.BACKWARD_FORMS[bwd][2] in lora_ops.MERGED_DX))
 
 
-FAST_FORMS = {(1, 1), (1, 3), (2, 4), (1, 5), (2, 8), (3, 9), (1, 10)}
+FAST_FORMS = {(1, 1), (1, 3), (2, 4), (1, 5), (2, 8), (3, 9), (1, 10), (4, 1)}
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 RunLoRA (arXiv:2312.03415) Table 1 gives 2 forward and 8 backward bracketings; fxlora adds a
 forward and two backwards that share one GEMM over x (or dY) between the base and the
-adapter (forward 3, backward 9 and 10: fxlora.ops.lora). The pair is a form
+adapter (forward 3, backward 9 and 10), and forward 4 (forward 1 keeping X A^T: fxlora.ops.lora). The pair is a form
 "f<forward>/b<backward>", implemented by fxlora.ops.lora. Symbols are fxlora.cost's
 (T tokens, i in, o out, r rank); the chooser is fxlora.cost.core.choose_form, with a FLOP
 budget: every exact form saves about the same, so FLOPs must stay near the cheapest.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import sympy
 
 from fxlora.cost.core import ZERO, Form, I, O, R, T
-from fxlora.ops.lora import BACKWARD_FORMS, FORWARD_FORMS, MERGED_DX, MERGED_FORWARD
+from fxlora.ops.lora import BACKWARD_FORMS, FORWARD_FORMS, KEEPS_XA, MERGED_DX, MERGED_FORWARD
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def _gemm(m, n, k):
 def forward_flops(form: int, save_xa: bool) -> sympy.Expr:
     """RunLoRA Table 1: forward1 2T(io + ri + or), forward2 2(ior + Tio) (+ X A^T when it is saved);
     forward 3 (fxlora.ops.lora): 2(ior + T(o + r)i), the X A^T columns riding on the base GEMM."""
-    if form == 1:
+    if form in (1, 4):  # 4 = 1 keeping X A^T
         return _gemm(T, O, I) + _gemm(T, R, I) + _gemm(T, O, R)
     if form == 3:
         return _gemm(O, I, R) + _gemm(T, O + R, I)
@@ -94,7 +94,7 @@ def backward_flops(form: int, shape: LoraShape, save_xa: bool) -> sympy.Expr:
 
 def saved_bytes(shape: LoraShape, save_xa: bool, packed_mask: bool = False, keeps_xa: bool = False) -> sympy.Expr:
     """What the op keeps for backward beyond parameters: X (T i), or X A^T (T r) when A is frozen;
-    forward 3 (`keeps_xa`) keeps X A^T as well as X.
+    forwards 3 and 4 (`keeps_xa`) keep X A^T as well as X.
 
     A replayed dropout mask adds only its RNG state (a few KiB at most, counted as 0); a
     packed one adds T i / 8 bytes (1 bit per element of x).
@@ -162,12 +162,12 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
                 why_not = "base and adapter compute in different dtypes: [W | s B] is one GEMM in one dtype"
             elif not shape.x_needs_grad and dX_by.endswith("_cat"):
                 why_not = "x needs no gradient: no dX GEMM to share with dY B"
-            xa_saved = save_xa or fwd == 3
+            xa_saved = save_xa or fwd in KEEPS_XA
             flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, xa_saved))
             masks = (False, True) if shape.dropout and not why_not else (False,)
             for packed in masks:
                 forms.append(Form(
-                    f"f{fwd}/b{bwd}" + ("+bits" if packed else ""), flops, saved_bytes(shape, save_xa, packed, fwd == 3),
+                    f"f{fwd}/b{bwd}" + ("+bits" if packed else ""), flops, saved_bytes(shape, save_xa, packed, fwd in KEEPS_XA),
                     not why_not, why_not, transient_bytes=transient_bytes(fwd, bwd, shape),
                     spec=LoraSpec(fwd, bwd, packed, shape.dropout and not shape.eager_masks),
                 ))

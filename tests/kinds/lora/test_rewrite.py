@@ -129,7 +129,7 @@ def test_dynamic_batch_crossing_the_threshold_recompiles_into_the_other_form():
     assert compiles_after == [1, 1, 2, 2, 2], "one compile for small T, one for large T, no more"
     first = [r for r in reports if r.compile_id == reports[0].compile_id][-1].decisions[0].chosen.form.name
     second = reports[-1].decisions[0].chosen.form.name
-    assert first.startswith("f1") and second.startswith("f2")
+    assert first[:2] in ("f1", "f4") and second.startswith("f2")  # forward 1 (4 = 1 keeping X A^T), then merged
 
 
 # --- where it must not fire ------------------------------------------------------------
