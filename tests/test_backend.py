@@ -147,3 +147,18 @@ def test_rewritten_graph_saves_less_than_peft_under_inductor():
     ours = torch.compile(model, backend="fxlora")
     assert_same_step(ref, loss_and_grads(ours, batch), rtol=1e-4, atol=1e-5)
     assert _saved_activation_bytes(ours, batch) < peft_bytes
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("form", ["f3/b9", "f4/b10"])
+def test_inductor_concatenated_forms_are_exact(form):
+    """Forward 3's y and backward 9's dX are strided views of one GEMM's output; Inductor must
+    read them through the strides their fakes give (and forward 4 / backward 10 keep X A^T)."""
+    model = with_lora(tiny_model("llama", layers=1), "llama", r=4)
+    batch = token_batch(2, 16)
+    ref = loss_and_grads(model, batch)
+    fxlora.clear_reports()
+    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"force_form": form}), batch)
+    assert_same_step(ref, got, rtol=1e-4, atol=1e-5)
+    decisions = fxlora.last_report().graphs[-1].decisions
+    assert sum(d.chosen.form.name == form for d in decisions if d.rewritten) >= 4
