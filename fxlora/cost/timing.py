@@ -88,10 +88,15 @@ class Timings:
         return [self._figures[c.key] for c in cases]
 
     def _measure(self, cases: Sequence[TimingCase]) -> dict[str, float]:
+        # Plain eager, whatever the caller runs under: no fake tensors, the caller's RNG stream
+        # untouched, no autocast, and no compiled autograd (DDP's python_reducer turns it on;
+        # it would hand the timing's own backward to the backend as one more graph).
+        from torch._dynamo import compiled_autograd
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         devices = [self.device] if self.device.type == "cuda" else []
-        with unset_fake_temporarily(), torch.random.fork_rng(devices=devices, device_type=self.device.type), \
+        with unset_fake_temporarily(), compiled_autograd._disable(), \
+                torch.random.fork_rng(devices=devices, device_type=self.device.type), \
                 torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
             calls = [c.build() for c in cases]
             for call in calls:
