@@ -113,7 +113,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="after the timed rounds, one profiled step per contestant: top ops by self time with shapes, "
                           "rank-r GEMMs and full-size copies, in <out-dir>/profile_<tag>/")
     out.add_argument("--from-json", metavar="PATH", help="measure nothing: redraw table and plot from a saved lora_<tag>.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.tag = _run_tag(args)  # once: profiles are written before the table, under the same tag
+    return args
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -170,7 +172,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         device=args.device,
         parallel=args.parallel,
         ddp_bucket_mb=args.ddp_bucket_mb,
-        profile_dir=os.path.join(args.out_dir, f"profile_{_tag(args)}") if args.profile else None,
+        profile_dir=os.path.join(args.out_dir, f"profile_{args.tag}") if args.profile else None,
     )
 
 
@@ -277,17 +279,15 @@ def write_csv(result: BenchResult, path: str) -> None:
             writer.writerow([*("" if v is None else v for v in row), m.saved_mib, result.settings["dtype"], result.machine["torch"]])
 
 
-def _tag(args: argparse.Namespace) -> str:
-    """The file-name tag of a run, fixed at its start (profiles are written before the table)."""
-    if getattr(args, "_tag", None) is None:
-        tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%d-%H%M%S"))
-        args._tag = f"{args.parallel}{args.world}_{tag}" if args.parallel != "none" and not args.tag else tag
-    return args._tag
+def _run_tag(args: argparse.Namespace) -> str:
+    """The file-name tag of a run: --tag, or 'quick', or a timestamp (prefixed by the parallel mode)."""
+    tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%d-%H%M%S"))
+    return f"{args.parallel}{args.world}_{tag}" if args.parallel != "none" and not args.tag else tag
 
 
 def write_outputs(result: BenchResult, args: argparse.Namespace) -> list[str]:
     """Write every file the run promises; return their paths for the closing message."""
-    tag = _tag(args)
+    tag = args.tag
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"{args.adapter}_{tag}")
     table = markdown_table(result)

@@ -5,6 +5,7 @@ measuring.md asks for: rank-r GEMMs (a dimension equal to r) and full-size copie
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -31,13 +32,6 @@ class ProfileSummary:
         return asdict(self)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape or ():
-        n *= d
-    return n
-
-
 def summarise(averages, rank: int, full_numel: int, device_time: bool) -> ProfileSummary:
     s = ProfileSummary()
     for e in averages:
@@ -50,7 +44,7 @@ def summarise(averages, rank: int, full_numel: int, device_time: bool) -> Profil
             if any(rank in sh for sh in shapes):
                 s.rank_gemms += e.count
                 s.rank_gemm_ms += ms
-        elif e.key in COPIES and shapes and _numel(shapes[0]) >= full_numel:
+        elif e.key in COPIES and shapes and math.prod(shapes[0]) >= full_numel:
             s.full_copies += e.count
             s.full_copy_ms += ms
     return s

@@ -19,7 +19,7 @@ fxlora adds two dX bracketings that read dY once for dX and Z1 (backward 9 and 1
 With forward 3 and backward 9 the rank-r work left is dA = (s Z1)^T X and dB = s dY^T (X A^T).
 Outputs that come out of a concatenated GEMM (y of forward 3, dX of backward 9) are views
 with row stride out + r (in + r), as their fake says: slicing them out would copy them.
-Neither forward saves X A^T (RunLoRA): backward rebuilds it (2 T r in FLOPs), unless A
+Forwards 1 and 2 do not save X A^T (RunLoRA): backward rebuilds it (2 T r in FLOPs), unless A
 is frozen, where X A^T (T x r) is saved *instead of* X (T x in) (LoRA-FA, arXiv:2308.03303: exact).
 
 Dropout never keeps a full-size `dropout(x)`. Its mask is either replayed (the op returns
@@ -46,6 +46,7 @@ and saved, which is exactly what the forms are chosen to avoid.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -75,10 +76,9 @@ MERGED_DX = ("merged", "merged_cat")  # dX bracketings that build W + s B A
 def strided_rows(t: Tensor, lead: Sequence, width: int, extra: int) -> Tensor:
     """A (lead..., width) view of a new (T, width + extra) buffer: how forward 3's y and
     backward 9's dX come out of their concatenated GEMM (the fakes use it too)."""
-    T = 1
-    for d in lead:
-        T *= d
-    return t.new_empty((T, width + extra))[:, :width].view(*lead, width)
+    return t.new_empty((math.prod(lead), width + extra))[:, :width].view(*lead, width)
+
+
 def _rng_state(device: torch.device) -> Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
@@ -89,13 +89,6 @@ def _keep_threshold(p: float) -> int:
     return min(round((1 - p) * 2**31), 2**31 - 1)
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool) -> Tensor:
     """Which elements dropout keeps (bool), keep ~ Bernoulli(1 - p).
 
@@ -104,7 +97,7 @@ def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool) -> Tenso
     `random_`), kept below round((1-p) 2^31)."""
     if not fast:
         return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p) != 0
-    n = _numel(shape)
+    n = math.prod(shape)
     words = torch.empty(((n + 1) // 2,), dtype=torch.int64, device=device).random_()
     bits = words.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF)
     return torch.lt(bits, _keep_threshold(p)).view(shape)
@@ -129,7 +122,7 @@ def _pack_mask(keep: Tensor) -> Tensor:
 
 def _unpacked_keep(bits: Tensor, shape: Sequence[int]) -> Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    keep = bits.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:_numel(shape)]
+    keep = bits.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:math.prod(shape)]
     return keep.view(torch.bool).view(shape)
 
 
@@ -228,10 +221,7 @@ def _record_size(x: Tensor, dropout_p: float, packed_mask: bool) -> tuple[int, s
     if dropout_p == 0:
         return 0, "cpu"
     if packed_mask:
-        n = 1
-        for d in x.shape:
-            n *= d
-        return (n + 7) // 8, x.device.type
+        return (math.prod(x.shape) + 7) // 8, x.device.type
     return (16 if x.device.type == "cuda" else torch.get_rng_state().numel()), "cpu"
 
 
@@ -349,7 +339,7 @@ def lora_linear_backward(
     if need_A:
         dA = (z1.t() @ x_in if dA_by == "z1" else s * (B.t() @ z2)).to(lora_A.dtype)
     if need_B:
-        if xa is not None:  # saved by forward 3, or instead of X when A is frozen
+        if xa is not None:  # kept by forwards 3 and 4, or instead of X when A is frozen
             dB = s * _dyt_xa(dy_a, xa.flatten(0, -2))
         elif dB_by == "xa":
             dB = s * _dyt_xa(dy_a, x_in @ A.t())

@@ -18,7 +18,6 @@ from fxlora.graph.edit import erase_dead, inserting_before, replace_output
 from fxlora.graph.read import value
 from fxlora.kinds.lora.forms import LoraSpec
 from fxlora.kinds.lora.match import LoraNodes, LoraSite
-from fxlora.kinds.lora.timing import mask_dtype
 from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (register torch.ops.fxlora.*)
 
 
@@ -52,24 +51,30 @@ def _scale_node(graph: fx.Graph, scale) -> fx.Node:
     return graph.call_method("reshape", (node, ())) if value(node).dim() > 0 else node
 
 
+def op_arguments(site: LoraSite, spec: LoraSpec) -> tuple[tuple, dict]:
+    """`fxlora::lora_linear`'s arguments after its five tensors and the scale, for `site` in form
+    `spec`: (positional, keyword flags). The rewrite and the timing (timing.py) both use these."""
+    n = site.nodes
+    adapter_dtype = value(n.xab).dtype
+    mask_dtype = value(n.dropout.args[0]).dtype if n.dropout is not None else adapter_dtype
+    positional = (float(site.dropout_p or 0.0), mask_dtype, site.compute_dtype, adapter_dtype, spec.forward,
+                  spec.backward, site.base_kind == "conv1d", not site.a_trainable and site.b_trainable)
+    flags = {name: True for name, on in (("fast_rng", spec.fast_rng), ("packed_mask", spec.packed_mask))
+             if on and site.dropout_p}
+    return positional, flags
+
+
 def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node]) -> Optional[fx.Node]:
     """Returns the node of this site's mask record (or `last_draw` without dropout)."""
     n = site.nodes
     graph = n.add.graph
     draws = bool(site.dropout_p)
-    adapter_dtype = value(n.xab).dtype
-    save_xa = not site.a_trainable and site.b_trainable
+    positional, flags = op_arguments(site, spec)
     with inserting_before(n.add) as inserted:
         op = graph.call_function(
             torch.ops.fxlora.lora_linear.default,
-            (
-                n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), float(site.dropout_p or 0.0),
-                mask_dtype(site), site.compute_dtype, adapter_dtype, spec.forward, spec.backward, site.base_kind == "conv1d",
-                save_xa,
-            ),
-            {**({"after": last_draw} if draws and last_draw is not None else {}),
-             **({"fast_rng": True} if draws and spec.fast_rng else {}),
-             **({"packed_mask": True} if draws and spec.packed_mask else {})},
+            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), *positional),
+            {**({"after": last_draw} if draws and last_draw is not None else {}), **flags},
         )
         y = graph.call_function(operator.getitem, (op, 0))
         if draws:

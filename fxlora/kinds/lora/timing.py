@@ -12,13 +12,7 @@ from fxlora.cost.timing import TimingCase
 from fxlora.graph.read import value
 from fxlora.kinds.lora.forms import LoraShape
 from fxlora.kinds.lora.match import LoraSite
-from fxlora.ops import lora as _lora_ops  # noqa: F401  (registers torch.ops.fxlora.lora_linear)
-
-
-def mask_dtype(site: LoraSite) -> torch.dtype:
-    """The dtype dropout draws its mask in (x's as it enters dropout)."""
-    n = site.nodes
-    return value(n.dropout.args[0]).dtype if n.dropout is not None else value(n.xab).dtype
+from fxlora.kinds.lora.rewrite import op_arguments
 
 
 def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) -> Optional[TimingCase]:
@@ -26,10 +20,8 @@ def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) 
         return None
     spec = form.spec
     T, i, o, r = (at_hints(e) for e in (shape.tokens, shape.in_features, shape.out_features, shape.rank))
-    adapter_dtype = value(site.nodes.xab).dtype
-    p = float(site.dropout_p or 0.0)
-    conv1d = site.base_kind == "conv1d"
-    save_xa = not site.a_trainable and site.b_trainable
+    positional, flags = op_arguments(site, spec)
+    p, _, _, adapter_dtype, _, _, conv1d, _ = positional
     device = value(site.nodes.x).device
     key = (f"lora {form.name} T={T} i={i} o={o} r={r} x={site.x_dtype} W={site.weight_dtype}@{site.compute_dtype} "
            f"AB={site.adapter_dtype}@{adapter_dtype} p={p:g} fast={spec.fast_rng} grads="
@@ -43,9 +35,7 @@ def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) 
         A = (torch.randn(r, i, dtype=site.adapter_dtype, device=device) * i**-0.5).requires_grad_(site.a_trainable)
         B = (torch.randn(o, r, dtype=site.adapter_dtype, device=device) * 0.01).requires_grad_(site.b_trainable)
         wrt = [t for t in (x, A, B) if t.requires_grad]
-        args = (x, W, bias, A, B, torch.tensor(2.0), p, mask_dtype(site), site.compute_dtype, adapter_dtype,
-                spec.forward, spec.backward, conv1d, save_xa)
-        flags = {"fast_rng": spec.fast_rng, "packed_mask": spec.packed_mask} if p else {}
+        args = (x, W, bias, A, B, torch.tensor(2.0), *positional)
         dy = torch.randn(T, o, dtype=torch.promote_types(site.compute_dtype, adapter_dtype), device=device)
 
         def call() -> None:
