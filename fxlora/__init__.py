@@ -11,6 +11,7 @@ from fxlora.explain import explain
 from fxlora.integrations import install_accelerate_hook
 from fxlora.logs import configure_from_env, set_logs
 from fxlora.report import Report, clear_reports, last_report
+from fxlora.tracing import install_checkpoint_side_effects
 from fxlora.verify import VerificationError
 from fxlora import velora
 from fxlora.velora import freeze_lora_A
@@ -20,4 +21,5 @@ __version__ = "0.1.0"
 
 configure_from_env()  # FXLORA_LOG=info|debug
 install_ddp_split_after_rewrite()  # under DDP, fxlora rewrites whole graphs before Dynamo splits them into buckets
+install_checkpoint_side_effects()  # checkpointed layers with Python side effects trace under fxlora (fxlora/tracing.py)
 install_accelerate_hook()  # TrainingArguments(torch_compile_backend="fxlora") passes accelerate's name check

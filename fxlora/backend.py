@@ -20,11 +20,13 @@ from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.logs import log_report
 from fxlora.pipeline import PipelineResult, run_pipeline
 from fxlora.report import GraphReport, record
+from fxlora.tracing import mark_backend
 from fxlora.verify import verify_first_call
 
 log = logging.getLogger("fxlora")
 
 
+@mark_backend
 @splits_after_rewrite
 def fxlora_backend(
     gm: fx.GraphModule,

@@ -65,6 +65,11 @@ class Config:
         {"method": "velora", "sub_token": "D/32", "targets": ["v_proj", "down_proj"]}
         (the defaults, VeLoRA's). Needs `fxlora.velora.prepare(model, first_batch, compress)`
         first, which creates each targeted site's vector v. None (default): every form exact.
+    skip_checkpoint_side_effects: True (default): Dynamo traces activation-checkpointed layers
+        that have Python side effects (transformers >= 5.25: every decoder layer), applying the
+        effects once in forward, not again in the recompute (fxlora/tracing.py,
+        docs/checkpointing.md; gradients are exact). False: Dynamo's default, a graph break
+        that runs each such layer uncompiled (the report names it).
     """
 
     inner: str = "inductor"
@@ -80,6 +85,7 @@ class Config:
     scaling_form: Optional[str] = None
     compress: Optional[Mapping[str, Any]] = None
     form_guards: bool = False
+    skip_checkpoint_side_effects: bool = True
 
     def __post_init__(self):
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -94,7 +100,7 @@ class Config:
                 "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
             )
         object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
-        for flag in ("rewrite", "rematerialize", "verify", "form_guards"):
+        for flag in ("rewrite", "rematerialize", "verify", "form_guards", "skip_checkpoint_side_effects"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"fxlora option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("objective", self.objective, OBJECTIVES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from fxlora.backend import compile_graph
 from fxlora.config import Config
 from fxlora.distributed import splits_after_rewrite
 from fxlora.report import GraphReport, Report, VerboseReport
+from fxlora.tracing import mark_backend
 
 
 def explain(model: Any, *args: Any, options: Any = None, verbose: bool = False, **kwargs: Any) -> Report:
@@ -23,6 +25,7 @@ def explain(model: Any, *args: Any, options: Any = None, verbose: bool = False, 
     config = Config.from_options(options)
     captured: list[GraphReport] = []
 
+    @functools.partial(mark_backend, config=config)
     @splits_after_rewrite
     def capture(gm, example_inputs, split=None, **_):
         return compile_graph(gm, example_inputs, config, on_report=captured.append, run_with="eager", split=split)

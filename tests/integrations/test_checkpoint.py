@@ -99,7 +99,9 @@ def _saved_bytes(compiled, batch) -> int:
 
 
 def test_rewritten_regions_save_no_more_than_the_reference():
-    """A region keeps only its inputs, rewritten or not: fxlora's step saves what aot_eager's saves."""
+    """A region keeps only its inputs, rewritten or not: fxlora's step saves what aot_eager's saves
+    when aot_eager traces the same regions (transformers >= 5.25 needs Dynamo's switch for that,
+    which fxlora turns on for itself: fxlora/tracing.py)."""
     model = _checkpointed(False)
     batch = token_batch(2, 32)
     saved = {}
@@ -107,6 +109,7 @@ def test_rewritten_regions_save_no_more_than_the_reference():
                          ("fxlora", {"backend": "fxlora", "options": {"inner": "aot_eager"}})):
         torch._dynamo.reset()
         compiled = torch.compile(model, **kwargs)
-        _saved_bytes(compiled, batch)  # compiles
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+            _saved_bytes(compiled, batch)  # compiles
         saved[name] = _saved_bytes(compiled, batch)
     assert saved["fxlora"] <= saved["reference"], saved

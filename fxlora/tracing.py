@@ -1,0 +1,98 @@
+"""What fxlora changes in how Dynamo traces, for fxlora's own compiles only (docs/checkpointing.md).
+
+Checkpointed layers and Python side effects. Dynamo traces `torch.utils.checkpoint` as the
+higher-order op `tag_activation_checkpoint` and, by default, graph-breaks on any Python side
+effect inside it ("HOP: Unsafe side effect"): eager checkpointing replays such an effect when
+it recomputes the forward in backward, and a compiled recompute cannot. With transformers
+>= 5.25 every decoder layer has one: its attention forward is wrapped by the `kernels`
+package (`use_kernelized_func`), which sets a module-level `CompileableContextVar`
+(`_ACTIVE_KERNEL_FUNCS`) and resets it in `finally`. So under HF gradient checkpointing each
+layer ran uncompiled, whatever the backend, and fxlora saw no adapter in it.
+
+Dynamo's own switch `skip_fwd_side_effects_in_bwd_under_checkpoint` traces such regions and
+applies their side effects once (in forward) instead of again in the recompute. fxlora turns it
+on only while Dynamo traces for fxlora (the option `skip_checkpoint_side_effects`, default on):
+other backends in the same process are untouched. Why the gradients stay exact: the recompute
+runs the traced tensor graph, not the Python code (AOTAutograd's partitioner duplicates the
+region's nodes, and replays its RNG state), so what backward computes never depends on the
+skipped Python effect. What differs from eager checkpointing: a Python effect (a counter, a list
+append, an attribute set) happens once per step, as it would without checkpointing, not twice.
+The kernels context variable is set and restored around each call, so both give the same state.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional
+
+from fxlora.config import Config
+
+log = logging.getLogger("fxlora")
+
+# Set on every backend function of fxlora's (the backend, explain's capture); Dynamo's wrappers
+# copy a wrapped function's __dict__ (functools.wraps), so the mark survives them.
+FXLORA_MARK = "__fxlora_config__"
+
+
+def mark_backend(fn: Any, config: Any = True) -> Any:
+    """Mark `fn` as an fxlora backend; `config` is its fxlora.Config when it has a fixed one."""
+    setattr(fn, FXLORA_MARK, config)
+    return fn
+
+
+def fxlora_options(compiler_fn: Any) -> tuple[bool, Any]:
+    """(is this Dynamo compiler fxlora's, the options it was given) by walking Dynamo's wrappers
+    (WrapBackendDebug -> torch.compile's _TorchCompileWrapper -> the backend function)."""
+    options, seen = None, set()
+    while compiler_fn is not None and id(compiler_fn) not in seen:
+        seen.add(id(compiler_fn))
+        kwargs = getattr(compiler_fn, "kwargs", None)
+        if isinstance(kwargs, dict) and "options" in kwargs:
+            options = kwargs["options"]
+        mark = getattr(compiler_fn, FXLORA_MARK, None)
+        if mark is not None:
+            return True, (mark if mark is not True else options)
+        compiler_fn = next((getattr(compiler_fn, a) for a in ("_torchdynamo_orig_backend", "compiler_fn", "__wrapped__", "func")
+                            if getattr(compiler_fn, a, None) is not None), None)
+    return False, None
+
+
+def skips_checkpoint_side_effects(compiler_fn: Any) -> bool:
+    """Does this compile trace checkpointed regions with their side effects skipped in the recompute?"""
+    ours, options = fxlora_options(compiler_fn)
+    if not ours:
+        return False
+    try:
+        return Config.from_options(options).skip_checkpoint_side_effects
+    except ValueError:  # bad options: the backend reports them when Dynamo calls it
+        return False
+
+
+def install_checkpoint_side_effects() -> bool:
+    """Let checkpointed regions traced for fxlora keep their side effects (idempotent).
+    False when this torch has no such hook (the report then names the graph break instead)."""
+    try:
+        from torch._dynamo.variables.higher_order_ops import CheckpointHigherOrderVariable
+    except ImportError:
+        return False
+    original = getattr(CheckpointHigherOrderVariable, "_call_function", None)
+    if original is None or not hasattr(CheckpointHigherOrderVariable, "allow_side_effects"):
+        return False
+    if getattr(original, FXLORA_MARK, False):
+        return True
+
+    @functools.wraps(original)
+    def _call_function(self, tx, args, kwargs):
+        if not self.allow_side_effects and skips_checkpoint_side_effects(_compiler_fn(tx)):
+            self.allow_side_effects = True
+        return original(self, tx, args, kwargs)
+
+    setattr(_call_function, FXLORA_MARK, True)
+    CheckpointHigherOrderVariable._call_function = _call_function
+    return True
+
+
+def _compiler_fn(tx: Any) -> Optional[Any]:
+    output = getattr(tx, "output", None)
+    return getattr(output, "compiler_fn", None)
