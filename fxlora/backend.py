@@ -18,7 +18,7 @@ from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rew
 from fxlora.graph.edit import copy_graph_module
 from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.logs import log_report
-from fxlora.pipeline import PipelineResult, run_pipeline
+from fxlora.pipeline import PipelineResult, count, run_pipeline
 from fxlora.report import GraphReport, record
 from fxlora.tracing import mark_backend
 from fxlora.verify import verify_first_call
@@ -126,7 +126,9 @@ def compile_graph(
             report.fallback = f"compiling the rewritten graph failed ({type(err).__name__}: {err}); compiled untouched"
             report.graph_after, report.pieces[:] = before, []
             gm, rewritten, remat = original, False, False
+            untouched(report, "the graph fell back (see below)")
             compiled = compile_whole(original)
+        count([*report.kinds, *(k for r in report.regions for k in r.kinds)])
     finally:  # after compiling, so DDP's pieces are in the log and the dump
         if on_report is None:
             record(report)
@@ -138,6 +140,13 @@ def compile_graph(
     if config.verify and rewritten:
         compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({result.rewritten} rewritten sites)")
     return compiled
+
+
+def untouched(report: GraphReport, why: str) -> None:
+    """The graph runs as traced after all: no decision of it stands as a rewrite."""
+    for d in [*report.decisions, *(d for r in report.regions for d in r.decisions)]:
+        if d.rewritten:
+            d.chosen, d.reason = None, f"would be {d.chosen.form.name}, but {why}"
 
 
 # Exceptions Dynamo raises through a backend to restart or skip the frame: signals, not failures.

@@ -2,10 +2,11 @@
 choose -> rewrite, then the near misses no kind claimed are named.
 
 A pass in the Inductor sense: a function over a GraphModule that returns what it did and
-counts it (`torch._dynamo.utils.counters["fxlora"]["<kind>_sites|_rewritten|_kept|_rejected"]`).
+counts, once the graph compiled, what runs (`count`: `torch._dynamo.utils.counters["fxlora"]["<kind>_sites|_rewritten|_kept|_rejected"]`).
 Kinds run in registry order, each on the graph the kinds before it rewrote; a node that an
 earlier kind's site claims makes a later kind's site a Rejection naming the owner (first
-match wins, as PEFT's dispatchers do). `lint` and `recompile` run once, at the end. The same
+match wins, as PEFT's dispatchers do). Each site is rewritten on its own: one that fails is
+left as traced and costs no other (`rewrite_each`). `recompile` runs once per graph. The same
 driver then runs on each activation-checkpoint body (fxlora/checkpoint.py).
 """
 
@@ -23,7 +24,7 @@ from fxlora.config import Config
 from fxlora.cost.core import PricedForm, at, choose_form, price
 from fxlora.cost.guards import SizeDecider, size_decider
 from fxlora.cost.timing import Timings
-from fxlora.graph.edit import copy_graph_module
+from fxlora.graph.edit import copy_graph, copy_graph_module, remap_nodes
 from fxlora.graph.prove import Rejection
 from fxlora.graph.read import module_path, value
 from fxlora.kinds import KINDS
@@ -73,18 +74,57 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
         result = KindResult(kind, match, decisions,
                             {s.index: sorted(rules) for s in match.sites if (rules := site_rules(s))})
         chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
-        if chosen:
-            kind.rewrite_sites(gm, chosen)
-        stats = counters["fxlora"]
-        stats[f"{kind.name}_sites"] += len(match.sites)
-        stats[f"{kind.name}_rewritten"] += len(chosen)
-        stats[f"{kind.name}_kept"] += len(match.sites) - len(chosen)
-        stats[f"{kind.name}_rejected"] += len(match.rejections)
+        for index, why in rewrite_each(gm, kind, chosen, owner).items():
+            decision = result.decisions[index]
+            decision.chosen, decision.reason = None, why
         results.append(result)
     if any(d.rewritten for r in results for d in r.decisions):
-        gm.graph.lint()
         gm.recompile()
     return results
+
+
+def rewrite_each(gm: fx.GraphModule, kind: Kind, chosen: list, owner: dict) -> dict[int, str]:
+    """Rewrite one kind's chosen sites one by one, in graph order; a site whose rewrite raises is
+    left as traced and the others are rewritten without it. Returns {site index: why it failed}.
+
+    A site may read an earlier site's output (chained sites): its nodes are looked up again
+    through the replacement the earlier rewrite recorded (graph/edit.py `remap_nodes`). After a
+    failure the graph as it was before this kind is restored and the rewrite starts over."""
+    failed: dict[int, str] = {}
+    moved: dict[fx.Node, fx.Node] = {}  # node the sites were found with -> its copy in the restored graph
+    while chosen:
+        backup, copies = copy_graph(gm)
+        try:
+            for site, form in chosen:
+                if site.index in failed:
+                    continue
+                try:
+                    kind.rewrite_sites(gm, [(dataclasses.replace(site, nodes=remap_nodes(site.nodes, moved)), form)])
+                    gm.graph.lint()
+                except Exception as err:  # noqa: BLE001 - costs this site only
+                    failed[site.index] = f"rewrite failed ({type(err).__name__}: {err}); left as traced"
+                    raise
+        except Exception:  # noqa: BLE001 - start over from the restored graph, without the failed site
+            found_with = set(moved) | set(copies)
+            moved = {n: copies[moved.get(n, n)] for n in found_with if moved.get(n, n) in copies}
+            gm.graph = backup
+            for node in [n for n in owner if n in moved]:
+                owner[moved[node]] = owner.pop(node)
+            continue
+        break
+    return failed
+
+
+def count(results: Sequence[KindResult], ran: bool = True) -> None:
+    """Add what will run to `counters["fxlora"]`: once per compiled graph, after it compiled
+    (`ran=False`: it fell back to the untouched graph, so nothing of it counts as rewritten)."""
+    stats = counters["fxlora"]
+    for r in results:
+        rewritten = sum(d.rewritten for d in r.decisions) if ran else 0
+        stats[f"{r.kind.name}_sites"] += len(r.match.sites)
+        stats[f"{r.kind.name}_rewritten"] += rewritten
+        stats[f"{r.kind.name}_kept"] += len(r.match.sites) - rewritten
+        stats[f"{r.kind.name}_rejected"] += len(r.match.rejections)
 
 
 def rewrite_regions(gm: fx.GraphModule, config: Config) -> list[RegionReport]:

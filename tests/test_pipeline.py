@@ -11,7 +11,7 @@ import fxlora
 from fxlora.config import Config
 from fxlora.graph.read import value
 from fxlora.kinds import KINDS
-from fxlora.pipeline import run_kinds, run_pipeline
+from fxlora.pipeline import count, run_kinds, run_pipeline
 from fxlora.reft import attach_reft
 from fxlora.testing.models import tiny_model, token_batch, with_ia3, with_lora, with_vera
 from tests.helpers import compiled, loss_and_grads
@@ -71,6 +71,7 @@ def test_a_node_claimed_by_an_earlier_kind_rejects_the_later_site():
 
     def backend(gm, example_inputs):
         seen.extend(run_kinds(gm, Config(inner="aot_eager", rewrite=False), twice))
+        count(seen)
         return gm.forward
 
     counters.clear()

@@ -8,7 +8,8 @@ only nodes that became dead are erased.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+import dataclasses
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
@@ -37,6 +38,30 @@ def replace_output(old: fx.Node, new: fx.Node, inserted: Iterable[fx.Node]) -> N
     new.meta.update({k: v for k, v in old.meta.items() if k not in ("example_value", "val")})
     new.meta["example_value"] = value(old)
     old.replace_all_uses_with(new)
+    old.meta[REPLACED_BY] = new  # a later site that read `old` (chained sites) finds `new` (remap_nodes)
+
+
+REPLACED_BY = "fxlora_replaced_by"
+
+
+def current(node: fx.Node) -> fx.Node:
+    """The node that now stands for `node`: itself, or what a rewrite replaced it by (transitively)."""
+    while REPLACED_BY in node.meta:
+        node = node.meta[REPLACED_BY]
+    return node
+
+
+def remap_nodes(nodes: Any, moved: Mapping[fx.Node, fx.Node]) -> Any:
+    """A copy of a site's nodes dataclass (LoraNodes, LayerNodes, ...) whose nodes are current:
+    moved to another graph by `moved` (old -> copy), then through the replacements rewrites recorded."""
+    def now(v):
+        if isinstance(v, fx.Node):
+            return current(moved.get(v, v))
+        if isinstance(v, tuple):
+            return tuple(now(x) for x in v)
+        return v
+
+    return dataclasses.replace(nodes, **{f.name: now(getattr(nodes, f.name)) for f in dataclasses.fields(nodes)})
 
 
 def fake_values(nodes: list[fx.Node], example) -> None:
@@ -74,9 +99,8 @@ def _with_grad(t, grad: bool):
     return t
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A node-for-node copy of `gm` (metadata included) sharing its attributes: what the passes
-    rewrite, so the untouched graph is still at hand if anything goes wrong."""
+def copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A node-for-node copy of `gm`'s graph (metadata included) and the map old node -> copy."""
     graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
     graph._codegen = gm.graph._codegen
     copies: dict = {}
@@ -84,7 +108,13 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     for node, copy in copies.items():  # DDP's splitter (propagate_dynamo_source) reads every placeholder's
         if hasattr(node, "_dynamo_source"):
             copy._dynamo_source = node._dynamo_source
-    return fx.GraphModule(gm, graph)
+    return graph, copies
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` sharing its attributes: what the passes rewrite, so the untouched graph is
+    still at hand if anything goes wrong."""
+    return fx.GraphModule(gm, copy_graph(gm)[0])
 
 
 def erase_dead(nodes: Iterable) -> None:

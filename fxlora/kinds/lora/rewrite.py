@@ -23,12 +23,23 @@ from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (
 
 def rewrite(gm: fx.GraphModule, chosen: list[tuple[LoraSite, PricedForm]]) -> None:
     """Rewrite the sites in graph order; dropout sites chain their RNG draws (program order)."""
-    last_draw: Optional[fx.Node] = None  # RNG output of the previous dropout site
+    last_draw = _previous_draw(chosen[0][0].nodes.add) if chosen else None  # RNG output of the previous dropout site
     for site, priced in chosen:
         if priced.form.lossy:
             _replace_velora(gm, site, priced.form.spec)
         else:
             last_draw = _replace_exact(site, priced.form.spec, last_draw)
+
+
+def _previous_draw(node: fx.Node) -> Optional[fx.Node]:
+    """The mask record (output 2) of the last rewritten dropout site before `node`, if any."""
+    cursor = node.prev
+    while cursor.op != "root":
+        if cursor.op == "call_function" and cursor.target is operator.getitem and cursor.args[1] == 2 and \
+                getattr(cursor.args[0], "target", None) is torch.ops.fxlora.lora_linear.default:
+            return cursor
+        cursor = cursor.prev
+    return None
 
 
 def scale_tensor_source(scale) -> Optional[fx.Node]:
