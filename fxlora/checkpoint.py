@@ -7,10 +7,13 @@ on a copy with the same signature (the untouched body stays with the untouched g
 
 What changes inside a region:
 - Its forward runs twice (once more in backward) and keeps only the region's inputs, so a
-  form's saved bytes buy nothing there: forms are chosen by FLOPs (`objective="flops"`).
-- A site whose rewritten form draws random numbers at call time (LoRA dropout) stays as
-  traced: the recompute would draw another mask than the forward used and backward would be
-  wrong (the failure of peft#3020). Sites without randomness are rewritten.
+  form's saved bytes buy nothing there: under `objective="time"` forms are chosen by their
+  measured time with the forward counted twice, otherwise by FLOPs.
+- A form must not draw random numbers at call time: the recompute would draw another mask
+  than the forward used and backward would be wrong (the failure of peft#3020). LoRA dropout
+  stays a traced op, whose RNG AOTAutograd replays in the recompute (or whose output it keeps);
+  the rewritten op reads the traced drop(x) (`x_adapter`). A kind without such a form keeps its
+  random sites as traced (`Kind.draws_random`).
 - Lossy compression (`compress`) is not applied: its saved vector has nowhere to live.
 
 Reads the graph only; imports nothing of fxlora but its config.
@@ -27,7 +30,7 @@ from fxlora.config import Config
 
 CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
 
-DROPOUT_IN_REGION = "LoRA dropout in a checkpointed region: kept as traced (the recompute would draw another mask)"
+DROPOUT_IN_REGION = "random numbers drawn by the rewritten form in a checkpointed region: kept as traced (the recompute would draw another mask)"
 
 
 def checkpoint_bodies(gm: fx.GraphModule) -> Iterator[tuple[str, fx.GraphModule, Optional[bool]]]:
@@ -42,5 +45,5 @@ def checkpoint_bodies(gm: fx.GraphModule) -> Iterator[tuple[str, fx.GraphModule,
 
 
 def region_config(config: Config) -> Config:
-    """The options the pipeline gets inside a region: FLOPs decide, no lossy compression."""
-    return config.replace(objective="flops", compress=None)
+    """The options the pipeline gets inside a region: time (forward twice) or FLOPs decide, no lossy compression."""
+    return config.replace(objective="time" if config.objective == "time" else "flops", compress=None, in_checkpoint=True)

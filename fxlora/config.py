@@ -70,6 +70,8 @@ class Config:
         effects once in forward, not again in the recompute (fxlora/tracing.py,
         docs/checkpointing.md; gradients are exact). False: Dynamo's default, a graph break
         that runs each such layer uncompiled (the report names it).
+    in_checkpoint: set by fxlora itself on the body of an activation-checkpointed region
+        (fxlora/checkpoint.py), whose forward runs again in backward; not a user option.
     """
 
     inner: str = "inductor"
@@ -86,6 +88,7 @@ class Config:
     compress: Optional[Mapping[str, Any]] = None
     form_guards: bool = False
     skip_checkpoint_side_effects: bool = True
+    in_checkpoint: bool = False
 
     def __post_init__(self):
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -100,7 +103,7 @@ class Config:
                 "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
             )
         object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
-        for flag in ("rewrite", "rematerialize", "verify", "form_guards", "skip_checkpoint_side_effects"):
+        for flag in ("rewrite", "rematerialize", "verify", "form_guards", "skip_checkpoint_side_effects", "in_checkpoint"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"fxlora option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("objective", self.objective, OBJECTIVES)

@@ -187,7 +187,7 @@ def _timed(kind: Kind, site, shape, priced: list[PricedForm], decide: SizeDecide
 def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: bool, timings: dict) -> Decision:
     device = value(site.nodes.x).device.type
     why_not = f"device {device} is not supported by fxlora's ops" if device not in ("cpu", "cuda") else ""
-    if recomputed and kind.draws_random(site):
+    if recomputed and kind.draws_random(site, config):
         why_not = why_not or DROPOUT_IN_REGION
     why_not = why_not or kind.why_not(site, config)
     if why_not:
@@ -200,7 +200,7 @@ def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: b
     hinted = len(decide.at_hint)
     chosen, why = choose_form(
         priced, objective=config.objective, flop_budget=config.flop_budget if kind.flop_budget else None,
-        saved_budget=config.saved_budget, decide=decide, forced=kind.forced(config),
+        saved_budget=None if recomputed else config.saved_budget, decide=decide, forced=kind.forced(config),
     )
     if note and not chosen.form.lossy:
         why = f"{why}; {note}"

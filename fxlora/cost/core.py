@@ -91,7 +91,7 @@ def choose_form(
     *,
     objective: str = "saved_bytes",
     flop_budget: Optional[float] = None,
-    saved_budget: float = 0.1,
+    saved_budget: Optional[float] = 0.1,
     decide: Callable[[sympy.Basic], bool] = bool,
     forced: Optional[tuple[str, str]] = None,
 ) -> tuple[PricedForm, str]:
@@ -99,8 +99,8 @@ def choose_form(
 
     An opt-in lossy form that is legal wins. Else `forced` = (form name, option name) wins
     where it exists and is legal. Else objective "time": the fastest measured form among
-    those saving at most (1 + saved_budget) x the fewest saved bytes (forms without a
-    measured time: as "saved_bytes"); "flops": fewest FLOPs, saved bytes break ties;
+    those saving at most (1 + saved_budget) x the fewest saved bytes (None: saved bytes buy
+    nothing, as in a checkpointed region; forms without a measured time: as "saved_bytes"); "flops": fewest FLOPs, saved bytes break ties;
     "saved_bytes": fewest saved bytes, FLOPs break ties, among the forms within
     (1 + flop_budget) x the cheapest FLOPs when a kind prices with a budget (LoRA: every
     RunLoRA form saves about the same, so FLOPs must stay near the cheapest).
@@ -118,6 +118,9 @@ def choose_form(
         illegal = next((p for p in priced if p.form.name == name), None)
         note = f"forced form {name} " + (f"is illegal here ({illegal.form.why_not}); " if illegal else "does not exist here; ")
     timed = [p for p in legal if p.seconds is not None]
+    if objective == "time" and timed and saved_budget is None:
+        fastest = _least(timed, "seconds", "flops", decide)
+        return fastest, note + f"fastest measured ({fastest.seconds * 1e3:.3g} ms, forward twice + backward)"
     if objective == "time" and timed:
         leanest = _least(timed, "saved_bytes", "seconds", decide)
         lean = sympy.Rational(str(1 + saved_budget)) * leanest.saved_bytes

@@ -76,7 +76,7 @@ class Kind:
     owned: Callable[[Any], tuple]  # site -> the nodes it claims (node ownership across kinds)
     row: Callable[[Any, Match], tuple[str, ...]]  # (site, match) -> explain's cells
     describe_shape: Callable[[Any], tuple[str, str]]  # shape -> (what, sizes) for the candidates heading
-    draws_random: Callable[[Any], bool] = lambda site: False  # its rewritten form draws random numbers
+    draws_random: Callable[[Any, Any], bool] = lambda site, config: False  # (site, config): its form draws random numbers
     # (site, shape, form, at_hints) -> a fxlora.cost.timing.TimingCase, for objective "time"; None: not timed
     time_case: Optional[Callable[[Any, Any, Any, Callable], Any]] = None
 

@@ -168,8 +168,13 @@ def lora_linear(
     after: Optional[Tensor] = None,
     fast_rng: bool = False,
     packed_mask: bool = False,
+    x_adapter: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`after`: ordering only (the previous dropout site's mask record), never read.
+    `x_adapter`: what the adapter reads when it is not x: the traced graph's drop(x) (a site in a
+    checkpointed region, whose recompute must see the forward's mask: AOTAutograd replays the
+    graph's own RNG, not an op's). Then p is 0 here, forwards 1 and 4 only, and backward returns
+    the base's dX for x and the adapter's for x_adapter (dropout's own backward masks it).
 
     Returns (y, x A^T if save_xa else empty, the mask record if p > 0 else empty): the RNG
     state the mask was drawn from, or with `packed_mask` the mask itself, 1 bit per element."""
@@ -186,6 +191,9 @@ def lora_linear(
             record = _pack_mask(keep)
         x_in = _masked(x, keep, adapter_dtype)
         s = s * _keep_scale(dropout_p, mask_dtype, x.device).to(adapter_dtype)
+    elif x_adapter is not None:
+        assert forward_form not in MERGED_FORWARD, "x_adapter: W x and B A x_adapter read different inputs"
+        x_in = x_adapter.to(adapter_dtype)
     else:
         x_in = x.to(adapter_dtype)
     b = None if bias is None else bias.to(base_dtype)
@@ -227,7 +235,7 @@ def _record_size(x: Tensor, dropout_p: float, packed_mask: bool) -> tuple[int, s
 
 @lora_linear.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype, adapter_dtype,
-      forward_form, backward_form, conv1d, save_xa, after=None, fast_rng=False, packed_mask=False):
+      forward_form, backward_form, conv1d, save_xa, after=None, fast_rng=False, packed_mask=False, x_adapter=None):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     out_dtype = torch.promote_types(base_dtype, adapter_dtype)
     if forward_form == 3:
@@ -256,15 +264,18 @@ def _replayed_keep(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, scale, p, mask_dtype, base_dtype, adapter_dtype,
      fwd, bwd, conv1d, save_xa, *rest) = inputs
-    fast_rng, packed_mask = (*rest[1:], False, False)[:2]
+    fast_rng, packed_mask, x_adapter = (*rest[1:], False, False, None)[:3]
     _y, xa, record = output
     ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, x.dtype)
     ctx.masks = (fast_rng, packed_mask)
     ctx.has_bias = bias is not None
     ctx.n_inputs = len(inputs)
+    ctx.split_input = x_adapter is not None
     # What backward keeps alive: X (or X A^T when A is frozen), the mask record, and parameters
     # (which exist anyway). X A^T is kept alongside X only by forwards 3 and 4, which computed it anyway.
-    ctx.save_for_backward(None if save_xa else x, weight, lora_A, lora_B, scale,
+    # With x_adapter, the adapter's input is kept instead of X (dX of the base is dY W: no X).
+    kept_x = x_adapter if ctx.split_input else x
+    ctx.save_for_backward(None if save_xa else kept_x, weight, lora_A, lora_B, scale,
                           xa if save_xa or fwd in KEEPS_XA else None, record if p > 0 else None)
 
 
@@ -274,9 +285,11 @@ def _backward(ctx, dy, _dxa, _drecord):
     x, weight, lora_A, lora_B, scale, xa, record = ctx.saved_tensors
     need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     needs = [need_x, need_b and ctx.has_bias, need_A, need_B]
+    if ctx.split_input:
+        needs.append(ctx.needs_input_grad[-1])
     grads = lora_linear_backward(dy, x, weight, lora_A, lora_B, scale, xa, record, *ctx.conf, needs, *ctx.masks)
-    dX, db, dA, dB = (g if need else None for g, need in zip(grads, needs))
-    return (dX, None, db, dA, dB) + (None,) * (ctx.n_inputs - 5)
+    dX, db, dA, dB, dXa = (g if need else None for g, need in zip(grads, [*needs, False][:5]))
+    return (dX, None, db, dA, dB) + (None,) * (ctx.n_inputs - 6) + (dXa if ctx.split_input else None,)
 
 
 @torch.library.custom_op("fxlora::lora_linear_backward", mutates_args=())
@@ -300,9 +313,12 @@ def lora_linear_backward(
     needs: Sequence[bool],
     fast_rng: bool = False,
     packed_mask: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dX, db, dA, dB) in RunLoRA backward form `backward_form`; a gradient not in `needs` is empty."""
-    need_x, need_b, need_A, need_B = needs
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dX, db, dA, dB, dX_adapter) in RunLoRA backward form `backward_form`; a gradient not in
+    `needs` is empty. A fifth `needs` entry means the adapter read its own input (x_adapter, passed
+    here as `x`): dX is then the base's dY W only and dX_adapter the adapter's s (dY B) A."""
+    need_x, need_b, need_A, need_B, *split = needs
+    split_input, need_xa = bool(split), bool(split) and split[0]
     dA_by, dB_by, dX_by = BACKWARD_FORMS[backward_form]
     A, B, s = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype), scale.to(adapter_dtype)
     W = base_weight(weight, conv1d).to(base_dtype)
@@ -331,6 +347,10 @@ def lora_linear_backward(
         if dX_by == "split_cat":
             adapter_dx = (z1 @ A).view(x_shape)
             dX = dX + (adapter_dx.mul_(keep) if keep is not None else adapter_dx)
+    elif split_input:  # the base's dX reads no adapter term; the adapter's goes to x_adapter
+        z1 = _dy_b(dy_a, s * B) if (need_A and dA_by == "z1") or need_xa else None
+        if need_x:
+            dX = (dy.to(base_dtype).flatten(0, -2) @ W).view(x_shape).to(x_dtype)
     else:
         z1 = _dy_b(dy_a, s * B) if (need_A and dA_by == "z1") or (need_x and dX_by == "split") else None  # s Z1: (T, r)
     z2 = dy_a.t() @ x_in if (need_A and dA_by == "xtdy") or (need_B and dB_by == "xtdy" and xa is None) else None
@@ -368,7 +388,8 @@ def lora_linear_backward(
         db = dy.flatten(0, -2).sum(0)
     if dX is None:
         dX = dy.new_empty(NO_TENSOR)
-    return dX, db, dA, dB
+    dXa = (z1 @ A).view(x_shape).to(adapter_dtype if x is None else x.dtype) if need_xa else dy.new_empty(NO_TENSOR)
+    return dX, db, dA, dB, dXa
 
 
 def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs,
@@ -389,8 +410,13 @@ def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs,
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, scale, xa, record, dropout_p, mask_dtype, base_dtype, adapter_dtype,
       backward_form, conv1d, save_xa, x_dtype, needs, fast_rng=False, packed_mask=False):
-    return fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs,
-                      strided_dx=BACKWARD_FORMS[backward_form][2] == "merged_cat" and x_dtype == adapter_dtype)
+    need_xa = len(needs) > 4 and needs[4]
+    grads = fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs[:4],
+                       strided_dx=BACKWARD_FORMS[backward_form][2] == "merged_cat" and x_dtype == adapter_dtype)
+    in_features = weight.shape[0] if conv1d else weight.shape[1]
+    dXa = (dy.new_empty((*dy.shape[:-1], in_features), dtype=adapter_dtype if x is None else x.dtype) if need_xa
+           else dy.new_empty(NO_TENSOR))
+    return (*grads, dXa)
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)

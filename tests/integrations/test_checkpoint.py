@@ -5,7 +5,6 @@ import torch
 
 import fxlora
 from fxlora.testing.models import tiny_model, token_batch, with_lora
-from fxlora.checkpoint import DROPOUT_IN_REGION
 from tests.helpers import assert_same_step, loss_and_grads
 
 
@@ -45,20 +44,37 @@ def test_sites_in_checkpointed_layers_are_rewritten_and_exact(use_reentrant):
 
 
 def test_forms_in_regions_are_chosen_by_flops():
+    """objective="flops" (and "saved_bytes", whose bytes buy nothing in a region): fewest FLOPs."""
     model = _checkpointed(False, layers=1)
     fxlora.clear_reports()
-    loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), token_batch(2, 16))
+    loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager", "objective": "saved_bytes"}),
+                   token_batch(2, 16))
     for d in _regions(fxlora.last_report())[0].decisions:
         cheapest = min(c.flops for c in d.candidates if c.form.legal)
         assert d.chosen.flops == cheapest, d
 
 
-def test_lora_dropout_in_a_region_is_kept_as_traced():
-    """peft#3020's failure (a recompute drawing another mask) cannot happen: dropout sites stay as traced."""
-    model = _checkpointed(False, dropout=0.1)
+def test_forms_in_regions_are_chosen_by_time_with_the_forward_twice():
+    """objective="time" (default): the fastest measured form, its forward timed twice (it runs again in backward)."""
+    model = _checkpointed(False, layers=1, dropout=0.1)
+    fxlora.clear_reports()
+    loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager"}), token_batch(2, 16))
+    decisions = _regions(fxlora.last_report())[0].decisions
+    assert decisions and all(d.rewritten for d in decisions)
+    for d in decisions:
+        timed = [c for c in d.candidates if c.seconds is not None]
+        assert timed and d.chosen.seconds == min(c.seconds for c in timed), d
+        assert "forward twice" in d.reason and d.chosen.form.name.endswith("+traced-mask")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_lora_dropout_in_a_region_is_rewritten_and_exact(use_reentrant):
+    """peft#3020's failure (a recompute drawing another mask) cannot happen: the traced dropout stays,
+    AOTAutograd replays its RNG in the recompute, and the rewritten op reads its output."""
+    model = _checkpointed(use_reentrant, dropout=0.1)
     batch = token_batch(2, 16)
     torch.manual_seed(1)
-    ref = loss_and_grads(torch.compile(model, backend="aot_eager"), batch)
+    ref = loss_and_grads(model, batch)  # eager PEFT, eager checkpointing
     torch._dynamo.reset()
     fxlora.clear_reports()
     torch.manual_seed(1)
@@ -66,9 +82,9 @@ def test_lora_dropout_in_a_region_is_kept_as_traced():
     assert_same_step(ref, got)
     regions = _regions(fxlora.last_report())
     decisions = [d for r in regions for d in r.decisions]
-    assert len(decisions) == 14 and not any(d.rewritten for d in decisions)
-    assert all(d.reason == DROPOUT_IN_REGION for d in decisions)
-    assert "kept: LoRA dropout in a checkpointed region" in str(fxlora.last_report())
+    assert len(decisions) == 14 and all(d.rewritten for d in decisions)
+    assert all(d.chosen.form.spec.traced_dropout for d in decisions)
+    assert "14 sites, 14 rewritten" in str(fxlora.last_report())
 
 
 @pytest.mark.inductor

@@ -172,3 +172,44 @@ def test_opcheck_packed_fast():
             torch.float32, torch.float32, 1, 1, False, False)
     torch.library.opcheck(lora_linear, args, {"fast_rng": True, "packed_mask": True},
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+TRACED_MASK_FORMS = [(f, b) for f, b in FORMS
+                     if f not in MERGED_FORWARD and BACKWARD_FORMS[b][2] not in (*MERGED_DX, "split_cat")]
+
+
+@pytest.mark.parametrize("forward, backward", TRACED_MASK_FORMS)
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("a_trainable", [True, False])
+def test_x_adapter_reads_the_traced_dropout(forward, backward, conv1d, a_trainable):
+    """In a checkpointed region the op reads the traced drop(x): gradients reach x through the
+    base and through dropout's own backward, exactly as autograd's."""
+    gen = torch.Generator().manual_seed(0)
+    i, o, r = 24, 20, 4
+    x = torch.randn(3, 5, i, generator=gen, requires_grad=True)
+    W = torch.randn(i, o, generator=gen) if conv1d else torch.randn(o, i, generator=gen)
+    bias = torch.randn(o, generator=gen, requires_grad=True)
+    A = torch.randn(r, i, generator=gen).requires_grad_(a_trainable)
+    B = torch.randn(o, r, generator=gen, requires_grad=True)
+    grad_out = torch.randn(3, 5, o, generator=gen)
+    wrt = [t for t in (x, bias, A, B) if t.requires_grad]
+    torch.manual_seed(7)
+    ref = _reference(x, W, bias, A, B, 1.5, 0.25, conv1d)
+    ref_grads = torch.autograd.grad(ref, wrt, grad_out)
+    torch.manual_seed(7)
+    dropped = F.dropout(x, 0.25, True)
+    y, _, record = lora_linear(x, W, bias, A, B, torch.tensor(1.5), 0.0, torch.float32, torch.float32, torch.float32,
+                               forward, backward, conv1d, not a_trainable, x_adapter=dropped)
+    got_grads = torch.autograd.grad(y, wrt, grad_out)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for g, want in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-4)
+    assert record.numel() == 0  # the op drew nothing
+
+
+def test_opcheck_x_adapter():
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    args = (x, torch.randn(6, 8), torch.randn(6), torch.randn(2, 8, requires_grad=True),
+            torch.randn(6, 2, requires_grad=True), torch.tensor(2.0), 0.0, torch.float32,
+            torch.float32, torch.float32, 1, 1, False, False)
+    torch.library.opcheck(lora_linear, args, {"x_adapter": torch.randn(2, 3, 8, requires_grad=True)})

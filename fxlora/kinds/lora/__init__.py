@@ -47,6 +47,7 @@ def shape(site: LoraSite, config: Config) -> LoraShape:
         dropout=site.nodes.dropout is not None and site.dropout_p != 0.0,
         mixed_dtypes=site.compute_dtype != adapter_dtype,
         eager_masks=config.eager_masks(),
+        recomputed=config.in_checkpoint,
     )
 
 
@@ -99,7 +100,8 @@ def row(site: LoraSite, match: Match) -> tuple[str, ...]:
 
 def describe_shape(s: LoraShape) -> tuple[str, str]:
     return "", (f"T={s.tokens}, i={s.in_features}, o={s.out_features}, r={s.rank}"
-            + (", A frozen" if not s.a_trainable else "") + (", dropout" if s.dropout else ""))
+            + (", A frozen" if not s.a_trainable else "") + (", dropout" if s.dropout else "")
+            + (", checkpointed: forward timed twice" if s.recomputed else ""))
 
 
 KIND = Kind(
@@ -108,5 +110,5 @@ KIND = Kind(
              "x shared with"),
     flop_budget=True, find=find, why_not=why_not, shape=shape, site_forms=site_forms,
     peft_saved_bytes=peft_saved_bytes, forced=forced, rewrite_sites=rewrite, owned=owned, row=row,
-    describe_shape=describe_shape, time_case=time_case, draws_random=lambda site: site.nodes.dropout is not None and site.dropout_p != 0.0,
+    describe_shape=describe_shape, time_case=time_case,
 )

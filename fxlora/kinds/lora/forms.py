@@ -34,6 +34,12 @@ class LoraShape:
     dropout: bool = False
     mixed_dtypes: bool = False  # base and adapter compute in different dtypes (bf16 W, fp32 A/B)
     eager_masks: bool = True  # dropout draws eager's masks (Config.eager_masks) or the fast generator's
+    recomputed: bool = False  # in a checkpointed region: the forward runs again in backward,
+    # so dropout stays the traced op (its RNG is replayed by AOTAutograd) and the op reads drop(x)
+
+    @property
+    def traced_dropout(self) -> bool:
+        return self.dropout and self.recomputed
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class LoraSpec:
     backward: int
     packed_mask: bool = False
     fast_rng: bool = False
+    traced_dropout: bool = False  # the op reads the traced graph's drop(x) (`x_adapter`) and draws nothing
 
 
 def _gemm(m, n, k):
@@ -162,13 +169,17 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
                 why_not = "base and adapter compute in different dtypes: [W | s B] is one GEMM in one dtype"
             elif not shape.x_needs_grad and dX_by.endswith("_cat"):
                 why_not = "x needs no gradient: no dX GEMM to share with dY B"
+            elif shape.traced_dropout and dX_by == "split_cat":
+                why_not = "the adapter reads the traced drop(x): its dX goes to another input than dY W's"
             xa_saved = save_xa or fwd in KEEPS_XA
             flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, xa_saved))
-            masks = (False, True) if shape.dropout and not why_not else (False,)
+            masks = (False, True) if shape.dropout and not shape.traced_dropout and not why_not else (False,)
+            draws = shape.dropout and not shape.traced_dropout
             for packed in masks:
                 forms.append(Form(
-                    f"f{fwd}/b{bwd}" + ("+bits" if packed else ""), flops, saved_bytes(shape, save_xa, packed, fwd in KEEPS_XA),
+                    f"f{fwd}/b{bwd}" + ("+bits" if packed else "") + ("+traced-mask" if shape.traced_dropout else ""),
+                    flops, saved_bytes(shape, save_xa, packed, fwd in KEEPS_XA),
                     not why_not, why_not, transient_bytes=transient_bytes(fwd, bwd, shape),
-                    spec=LoraSpec(fwd, bwd, packed, shape.dropout and not shape.eager_masks),
+                    spec=LoraSpec(fwd, bwd, packed, draws and not shape.eager_masks, shape.traced_dropout),
                 ))
     return forms
