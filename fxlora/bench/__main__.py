@@ -89,6 +89,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     step.add_argument("--world", type=int, default=2, help="ranks for --parallel (gloo on a CPU, nccl on GPUs) [%(default)s]")
     step.add_argument("--ddp-bucket-mb", type=float, default=25.0,
                       help="DDP bucket_cap_mb; small values split each graph into DDPOptimizer pieces [%(default)s]")
+    step.add_argument("--checkpointing", action="store_true",
+                      help="HF gradient checkpointing (use_reentrant=False) on every contestant, floor included")
     step.add_argument("--seed", type=int, default=0, help="seeds weights, batch and dropout [%(default)s]")
     step.add_argument("--inner", choices=INNERS, default="inductor",
                       help="aot_eager: compile floor, peft-inductor and fxlora (option inner) without codegen; for smoke tests [%(default)s]")
@@ -173,6 +175,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         parallel=args.parallel,
         ddp_bucket_mb=args.ddp_bucket_mb,
         profile_dir=os.path.join(args.out_dir, f"profile_{args.tag}") if args.profile else None,
+        checkpointing=args.checkpointing,
     )
 
 
@@ -213,7 +216,10 @@ def caption(result: BenchResult) -> str:
         f"peft {m.get('peft', '?')}, fxlora {m.get('fxlora_commit') or '?'}. "
         + (f"{m['parallel']}{_buckets(s)}, figures per rank (rank 0). " if m.get("parallel") else "")
         + f"{s['dtype']}; random-init {describe_model(shape)}; {_adapter_targets(s)}. "
-        f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
+        + ("HF gradient checkpointing (use_reentrant=False) on every contestant, floor included; Dynamo's "
+           "skip_fwd_side_effects_in_bwd_under_checkpoint on for all, so every compiled contestant traces its layers. "
+           if s.get("checkpointing") else "")
+        + f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
         f"fxlora options {json.dumps(s['fxlora_options_used'])}. Best peer = better of peft-eager and peft-inductor per figure; "
         f"tax = (x - floor) / (best peer - floor). Saved = bytes saved for backward, parameters excluded. "
         f"Spread = (2nd largest - 2nd smallest step) / median; \"vs best peer\" says faster or slower only beyond the "

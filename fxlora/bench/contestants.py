@@ -80,6 +80,9 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
             fxlora.freeze_lora_A(model)
     else:
         model = ATTACH[settings.adapter](model, case, settings)
+    if settings.checkpointing:  # as Trainer/TRL do by default; the floor is checkpointed too
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(settings.device).train()
 
 

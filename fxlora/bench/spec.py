@@ -78,6 +78,7 @@ class Settings:
     parallel: str = "none"  # "ddp" or "fsdp": each contestant wrapped on every rank (fxlora.bench.ranks)
     ddp_bucket_mb: float = 25.0  # DDP's bucket_cap_mb; small values make Dynamo split each graph into pieces
     profile_dir: Optional[str] = None  # one profiled step per contestant and case, written here (bench/profile.py)
+    checkpointing: bool = False  # HF gradient checkpointing (use_reentrant=False) on every contestant, floor included
 
     def __post_init__(self):
         unknown = [c for c in self.contestants if c not in ALL_CONTESTANTS]
