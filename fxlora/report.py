@@ -85,6 +85,11 @@ class GraphReport(_Results):
         return [*self.sites, *(s for r in self.regions for s in r.sites)]
 
     @property
+    def all_rewritten(self) -> int:
+        """Sites rewritten in the graph and in its checkpointed regions."""
+        return self.rewritten + sum(r.rewritten for r in self.regions)
+
+    @property
     def checkpointed_regions(self) -> int:
         """Calls of Dynamo's activation-checkpoint HOP: subgraphs the passes do not descend into."""
         return self.graph_before.count("torch.ops.higher_order.tag_activation_checkpoint(")

@@ -224,7 +224,7 @@ def first_step(c: Contestant, batch, settings: Settings) -> None:
     c.result.first_step_ms, c.result.first_loss = timed_step(c, batch, settings, settings.seed)
     if is_fxlora:
         graphs = fxlora.last_report().graphs
-        c.result.fxlora_sites = sum(g.rewritten for g in graphs)
+        c.result.fxlora_sites = sum(g.all_rewritten for g in graphs)
         c.result.fxlora_ddp_pieces = sum(len(g.pieces) for g in graphs) or None
 
 
