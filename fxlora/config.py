@@ -44,7 +44,8 @@ class Config:
     flop_budget: the FLOP slack "saved_bytes" may spend, as a fraction (0.1 = 10%).
     saved_budget: the saved-bytes slack "time" may spend for speed, as a fraction (0.1 = 10%).
     force_form: "f<forward>/b<backward>" (e.g. "f1/b5"; "+bits" keeps a dropout mask packed
-        instead of replaying it) for every site where it is legal;
+        instead of replaying it; in checkpointed regions "+traced-mask" reads the traced drop(x),
+        "+seeded" draws from a graph-drawn seed) for every site where it is legal;
         for tests and experiments, the report says where it could not apply.
     rematerialize: on graphs fxlora rewrote, let Inductor's min-cut partitioner recompute
         in backward the values backward must materialize (each adapter's input x: a norm
@@ -160,7 +161,8 @@ class Config:
         return cls(**ours)
 
     def forced_form(self) -> Optional[tuple[int, int]]:
-        found = re.fullmatch(r"f([1-4])/b(10|[1-9])(\+bits)?", self.force_form) if isinstance(self.force_form, str) else None
+        found = (re.fullmatch(r"f([1-4])/b(10|[1-9])(\+seeded|\+traced-mask)?(\+bits)?", self.force_form)
+                 if isinstance(self.force_form, str) else None)
         return (int(found[1]), int(found[2])) if found else None
 
     def eager_masks(self) -> bool:

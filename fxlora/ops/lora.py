@@ -89,16 +89,23 @@ def _keep_threshold(p: float) -> int:
     return min(round((1 - p) * 2**31), 2**31 - 1)
 
 
-def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool) -> Tensor:
+def _seeded(seed: Tensor, device) -> torch.Generator:
+    """A private generator from a seed the graph drew (a checkpointed region's recompute reads the
+    same seed, so it draws the same mask; the caller's RNG is never touched)."""
+    return torch.Generator(device=device).manual_seed(int(seed.reshape(-1).view(torch.int64)[0]))
+
+
+def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool,
+               generator: Optional[torch.Generator] = None) -> Tensor:
     """Which elements dropout keeps (bool), keep ~ Bernoulli(1 - p).
 
     eager (`fast=False`): drawn exactly as ATen's dropout draws it (`bernoulli_` on a tensor of
     x's dtype), so the mask equals eager's. fast: 31 uniform bits per element (half an int64
     `random_`), kept below round((1-p) 2^31)."""
     if not fast:
-        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p) != 0
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p, generator=generator) != 0
     n = math.prod(shape)
-    words = torch.empty(((n + 1) // 2,), dtype=torch.int64, device=device).random_()
+    words = torch.empty(((n + 1) // 2,), dtype=torch.int64, device=device).random_(generator=generator)
     bits = words.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF)
     return torch.lt(bits, _keep_threshold(p)).view(shape)
 
@@ -169,12 +176,16 @@ def lora_linear(
     fast_rng: bool = False,
     packed_mask: bool = False,
     x_adapter: Optional[Tensor] = None,
+    seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`after`: ordering only (the previous dropout site's mask record), never read.
     `x_adapter`: what the adapter reads when it is not x: the traced graph's drop(x) (a site in a
     checkpointed region, whose recompute must see the forward's mask: AOTAutograd replays the
     graph's own RNG, not an op's). Then p is 0 here, forwards 1 and 4 only, and backward returns
     the base's dX for x and the adapter's for x_adapter (dropout's own backward masks it).
+    `seed`: a 0-d int64 the graph drew; the mask comes from a generator seeded with it, so a
+    checkpointed region's recompute (which reads the same seed) draws the same mask. The record
+    is then the seed's 8 bytes.
 
     Returns (y, x A^T if save_xa else empty, the mask record if p > 0 else empty): the RNG
     state the mask was drawn from, or with `packed_mask` the mask itself, 1 bit per element."""
@@ -184,9 +195,10 @@ def lora_linear(
     record = x.new_empty(NO_TENSOR, dtype=torch.uint8, device="cpu")
     xa = x.new_empty(NO_TENSOR, dtype=adapter_dtype)
     if dropout_p > 0:
+        generator = None if seed is None else _seeded(seed, x.device)
         if not packed_mask:
-            record = _rng_state(x.device)
-        keep = _draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng)
+            record = _rng_state(x.device) if seed is None else seed.reshape(1).to("cpu").view(torch.uint8).clone()
+        keep = _draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng, generator)
         if packed_mask:
             record = _pack_mask(keep)
         x_in = _masked(x, keep, adapter_dtype)
@@ -235,7 +247,8 @@ def _record_size(x: Tensor, dropout_p: float, packed_mask: bool) -> tuple[int, s
 
 @lora_linear.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype, adapter_dtype,
-      forward_form, backward_form, conv1d, save_xa, after=None, fast_rng=False, packed_mask=False, x_adapter=None):
+      forward_form, backward_form, conv1d, save_xa, after=None, fast_rng=False, packed_mask=False, x_adapter=None,
+      seed=None):
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     out_dtype = torch.promote_types(base_dtype, adapter_dtype)
     if forward_form == 3:
@@ -244,14 +257,16 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype,
         y = x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
     keep_xa = save_xa or forward_form in KEEPS_XA
     xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if keep_xa else NO_TENSOR, dtype=adapter_dtype)
-    n, device = _record_size(x, dropout_p, packed_mask)
+    n, device = _record_size(x, dropout_p, packed_mask) if seed is None or packed_mask else (8, "cpu")
     record = x.new_empty((n,), dtype=torch.uint8, device=device if device == "cpu" else x.device)
     return y, xa, record
 
 
 def _replayed_keep(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype,
-                   device: torch.device, fast: bool) -> Tensor:
-    """The forward's dropout mask, drawn again from the saved RNG state; the caller's RNG is untouched."""
+                   device: torch.device, fast: bool, seeded: bool = False) -> Tensor:
+    """The forward's dropout mask, drawn again from the saved RNG state (or seed); the caller's RNG is untouched."""
+    if seeded:
+        return _draw_keep(shape, p, mask_dtype, device, fast, _seeded(rng_state, device))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
         if device.type == "cuda":
@@ -261,13 +276,16 @@ def _replayed_keep(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype
         return _draw_keep(shape, p, mask_dtype, device, fast)
 
 
+_X_ADAPTER = 17  # lora_linear's argument index of x_adapter (its gradient's place in backward's return)
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, scale, p, mask_dtype, base_dtype, adapter_dtype,
      fwd, bwd, conv1d, save_xa, *rest) = inputs
-    fast_rng, packed_mask, x_adapter = (*rest[1:], False, False, None)[:3]
+    fast_rng, packed_mask, x_adapter, seed = (*rest[1:], False, False, None, None)[:4]
     _y, xa, record = output
     ctx.conf = (p, mask_dtype, base_dtype, adapter_dtype, bwd, conv1d, save_xa, x.dtype)
-    ctx.masks = (fast_rng, packed_mask)
+    ctx.masks = (fast_rng, packed_mask, seed is not None)
     ctx.has_bias = bias is not None
     ctx.n_inputs = len(inputs)
     ctx.split_input = x_adapter is not None
@@ -289,7 +307,10 @@ def _backward(ctx, dy, _dxa, _drecord):
         needs.append(ctx.needs_input_grad[-1])
     grads = lora_linear_backward(dy, x, weight, lora_A, lora_B, scale, xa, record, *ctx.conf, needs, *ctx.masks)
     dX, db, dA, dB, dXa = (g if need else None for g, need in zip(grads, [*needs, False][:5]))
-    return (dX, None, db, dA, dB) + (None,) * (ctx.n_inputs - 6) + (dXa if ctx.split_input else None,)
+    grads = [dX, None, db, dA, dB] + [None] * (ctx.n_inputs - 5)
+    if ctx.split_input:
+        grads[_X_ADAPTER] = dXa
+    return tuple(grads)
 
 
 @torch.library.custom_op("fxlora::lora_linear_backward", mutates_args=())
@@ -313,6 +334,7 @@ def lora_linear_backward(
     needs: Sequence[bool],
     fast_rng: bool = False,
     packed_mask: bool = False,
+    seeded: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dX, db, dA, dB, dX_adapter) in RunLoRA backward form `backward_form`; a gradient not in
     `needs` is empty. A fifth `needs` entry means the adapter read its own input (x_adapter, passed
@@ -327,7 +349,7 @@ def lora_linear_backward(
     keep = None
     if dropout_p > 0:
         keep = (_unpacked_keep(record, x_shape) if packed_mask
-                else _replayed_keep(record, x_shape, dropout_p, mask_dtype, dy.device, fast_rng))
+                else _replayed_keep(record, x_shape, dropout_p, mask_dtype, dy.device, fast_rng, seeded))
         s = s * _keep_scale(dropout_p, mask_dtype, dy.device).to(adapter_dtype)  # as forward folded it
     x_in = None
     if x is not None:
@@ -409,7 +431,7 @@ def fake_grads(dy, weight, lora_A, lora_B, conv1d: bool, x_dtype, needs,
 
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, scale, xa, record, dropout_p, mask_dtype, base_dtype, adapter_dtype,
-      backward_form, conv1d, save_xa, x_dtype, needs, fast_rng=False, packed_mask=False):
+      backward_form, conv1d, save_xa, x_dtype, needs, fast_rng=False, packed_mask=False, seeded=False):
     need_xa = len(needs) > 4 and needs[4]
     grads = fake_grads(dy, weight, lora_A, lora_B, conv1d, x_dtype, needs[:4],
                        strided_dx=BACKWARD_FORMS[backward_form][2] == "merged_cat" and x_dtype == adapter_dtype)

@@ -129,3 +129,69 @@ def test_rewritten_regions_save_no_more_than_the_reference():
             _saved_bytes(compiled, batch)  # compiles
         saved[name] = _saved_bytes(compiled, batch)
     assert saved["fxlora"] <= saved["reference"], saved
+
+
+def _traced_regions(backend, **kwargs) -> int:
+    """Checkpoint ops in the graphs `backend` received for one step of a checkpointed model."""
+    seen = []
+
+    def spy(gm, example_inputs):
+        seen.append(sum(n.target is torch.ops.higher_order.tag_activation_checkpoint for n in gm.graph.nodes))
+        return backend(gm, example_inputs)
+
+    fxlora.tracing.mark_backend(spy, **kwargs) if kwargs else None
+    torch._dynamo.reset()
+    loss_and_grads(torch.compile(_checkpointed(False, layers=1), backend=spy), token_batch(2, 16))
+    return sum(seen)
+
+
+def test_the_side_effect_switch_is_fxloras_alone():
+    """Other backends in the same process keep Dynamo's default (fxlora/tracing.py); fxlora's own
+    compiles trace the layers unless `skip_checkpoint_side_effects=False`."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    import transformers
+
+    eager = lookup_backend("eager")
+    fxlora_eager = lambda gm, ex: gm.forward  # noqa: E731
+    assert _traced_regions(fxlora_eager, config=fxlora.Config(inner="eager")) == 1
+    assert _traced_regions(fxlora_eager, config=fxlora.Config(inner="eager", skip_checkpoint_side_effects=False)) == 0
+    side_effect_release = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 25)
+    assert _traced_regions(eager) == (0 if side_effect_release else 1)
+
+
+class _SeededDropout(torch.nn.Module):
+    """PEFT's dropout as fxlora's "+seeded" forms draw it: a seed from the global RNG, then fast masks from it."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        from fxlora.ops.lora import _draw_keep, _seeded
+
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        return x * _draw_keep(x.shape, self.p, x.dtype, x.device, True, _seeded(seed, x.device)) / (1 - self.p)
+
+
+@pytest.mark.parametrize("form", ["f1/b1+seeded", "f1/b10+seeded+bits"])
+def test_seeded_masks_in_a_region_are_exact(form):
+    """A "+seeded" form's seed is a random op of the graph: the region's recompute reads the seed the
+    forward drew (AOTAutograd keeps or replays it), never a new one. Against eager PEFT whose dropout
+    draws the same seeds in the same order."""
+    import copy
+
+    model = _checkpointed(False, dropout=0.1, layers=1)
+    reference = copy.deepcopy(model)
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, torch.nn.ModuleDict) and name.endswith("lora_dropout"):
+            module["default"] = _SeededDropout(0.1)
+    batch = token_batch(2, 16)
+    torch.manual_seed(1)
+    ref = loss_and_grads(reference, batch)
+    fxlora.clear_reports()
+    torch.manual_seed(1)
+    got = loss_and_grads(torch.compile(model, backend="fxlora", options={"inner": "aot_eager", "force_form": form}), batch)
+    assert_same_step(ref, got, rtol=1e-4, atol=1e-5)
+    decisions = _regions(fxlora.last_report())[0].decisions
+    assert [d.chosen.form.name for d in decisions] == [form] * 7

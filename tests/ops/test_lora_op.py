@@ -213,3 +213,41 @@ def test_opcheck_x_adapter():
             torch.randn(6, 2, requires_grad=True), torch.tensor(2.0), 0.0, torch.float32,
             torch.float32, torch.float32, 1, 1, False, False)
     torch.library.opcheck(lora_linear, args, {"x_adapter": torch.randn(2, 3, 8, requires_grad=True)})
+
+
+@pytest.mark.parametrize("forward, backward", [(1, 1), (1, 2), (4, 6), (1, 10)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_seed_draws_the_same_mask_in_forward_backward_and_a_recompute(forward, backward, packed):
+    """A graph-drawn seed: the op's mask is a function of it alone, so a checkpointed region's
+    recompute (same seed) sees the forward's mask; gradients are autograd's for that mask."""
+    from fxlora.ops.lora import _draw_keep, _seeded
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=gen, requires_grad=True)
+    W, bias = torch.randn(20, 24, generator=gen), torch.randn(20, generator=gen, requires_grad=True)
+    A = torch.randn(4, 24, generator=gen, requires_grad=True)
+    B = torch.randn(20, 4, generator=gen, requires_grad=True)
+    grad_out = torch.randn(3, 5, 20, generator=gen)
+    seed = torch.tensor(2**40 + 17, dtype=torch.int64)
+    keep = _draw_keep(x.shape, 0.25, torch.float32, x.device, True, _seeded(seed, x.device))
+    ref = F.linear(x, W, bias) + F.linear(F.linear(x * keep / 0.75, A), B) * 1.5
+    ref_grads = torch.autograd.grad(ref, (x, bias, A, B), grad_out)
+    args = (x, W, bias, A, B, torch.tensor(1.5), 0.25, torch.float32, torch.float32, torch.float32,
+            forward, backward, False, False)
+    flags = {"fast_rng": True, "packed_mask": packed, "seed": seed}
+    before = torch.get_rng_state()
+    y, _, _ = lora_linear(*args, **flags)
+    again, _, _ = lora_linear(*args, **flags)  # what a recompute would compute
+    got_grads = torch.autograd.grad(y, (x, bias, A, B), grad_out)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, y, rtol=0, atol=0)
+    for g, want in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-4)
+
+
+def test_opcheck_seed():
+    args = (torch.randn(2, 3, 8, requires_grad=True), torch.randn(6, 8), torch.randn(6),
+            torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True), torch.tensor(2.0), 0.5,
+            torch.float32, torch.float32, torch.float32, 1, 1, False, False)
+    torch.library.opcheck(lora_linear, args, {"fast_rng": True, "seed": torch.tensor(5, dtype=torch.int64)})

@@ -48,6 +48,9 @@ def shape(site: LoraSite, config: Config) -> LoraShape:
         mixed_dtypes=site.compute_dtype != adapter_dtype,
         eager_masks=config.eager_masks(),
         recomputed=config.in_checkpoint,
+        # fast masks are Inductor's rule (Config.eager_masks); forcing a "+seeded" form asks for them
+        seeded_masks=value(site.nodes.x).device.type == "cpu"
+        and (not config.eager_masks() or "+seeded" in (config.force_form or "")),
     )
 
 

@@ -35,7 +35,8 @@ class LoraShape:
     mixed_dtypes: bool = False  # base and adapter compute in different dtypes (bf16 W, fp32 A/B)
     eager_masks: bool = True  # dropout draws eager's masks (Config.eager_masks) or the fast generator's
     recomputed: bool = False  # in a checkpointed region: the forward runs again in backward,
-    # so dropout stays the traced op (its RNG is replayed by AOTAutograd) and the op reads drop(x)
+    # so dropout stays the traced op (its RNG is replayed by AOTAutograd) and the op reads drop(x),
+    seeded_masks: bool = False  # or (fast masks allowed, CPU) the op draws from a seed the graph drew
 
     @property
     def traced_dropout(self) -> bool:
@@ -52,6 +53,7 @@ class LoraSpec:
     packed_mask: bool = False
     fast_rng: bool = False
     traced_dropout: bool = False  # the op reads the traced graph's drop(x) (`x_adapter`) and draws nothing
+    seeded: bool = False  # the op draws its mask from a seed the graph drew (a region's recompute reads the same)
 
 
 def _gemm(m, n, k):
@@ -169,10 +171,17 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
                 why_not = "base and adapter compute in different dtypes: [W | s B] is one GEMM in one dtype"
             elif not shape.x_needs_grad and dX_by.endswith("_cat"):
                 why_not = "x needs no gradient: no dX GEMM to share with dY B"
-            elif shape.traced_dropout and dX_by == "split_cat":
-                why_not = "the adapter reads the traced drop(x): its dX goes to another input than dY W's"
             xa_saved = save_xa or fwd in KEEPS_XA
             flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, xa_saved))
+            if shape.traced_dropout and shape.seeded_masks and not why_not:  # a region may draw from a seed instead
+                for packed in (False, True):
+                    forms.append(Form(
+                        f"f{fwd}/b{bwd}+seeded" + ("+bits" if packed else ""), flops,
+                        saved_bytes(shape, save_xa, packed, fwd in KEEPS_XA), True, "",
+                        transient_bytes=transient_bytes(fwd, bwd, shape), spec=LoraSpec(fwd, bwd, packed, True, seeded=True),
+                    ))
+            if shape.traced_dropout and dX_by == "split_cat":
+                why_not = "the adapter reads the traced drop(x): its dX goes to another input than dY W's"
             masks = (False, True) if shape.dropout and not shape.traced_dropout and not why_not else (False,)
             draws = shape.dropout and not shape.traced_dropout
             for packed in masks:

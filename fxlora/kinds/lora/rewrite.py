@@ -68,7 +68,7 @@ def op_arguments(site: LoraSite, spec: LoraSpec) -> tuple[tuple, dict]:
     n = site.nodes
     adapter_dtype = value(n.xab).dtype
     mask_dtype = value(n.dropout.args[0]).dtype if n.dropout is not None else adapter_dtype
-    p = 0.0 if spec.traced_dropout else float(site.dropout_p or 0.0)  # traced: the graph draws, the op reads drop(x)
+    p = 0.0 if spec.traced_dropout and not spec.seeded else float(site.dropout_p or 0.0)  # traced: the graph draws
     positional = (p, mask_dtype, site.compute_dtype, adapter_dtype, spec.forward,
                   spec.backward, site.base_kind == "conv1d", not site.a_trainable and site.b_trainable)
     flags = {name: True for name, on in (("fast_rng", spec.fast_rng), ("packed_mask", spec.packed_mask))
@@ -80,11 +80,13 @@ def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node])
     """Returns the node of this site's mask record (or `last_draw` without dropout)."""
     n = site.nodes
     graph = n.add.graph
-    draws = bool(site.dropout_p) and not spec.traced_dropout
+    draws = bool(site.dropout_p) and not spec.traced_dropout and not spec.seeded
     positional, flags = op_arguments(site, spec)
-    if spec.traced_dropout:  # the traced dropout stays (and its casts): the op reads its output
-        flags["x_adapter"] = n.dropout
     with inserting_before(n.add) as inserted:
+        if spec.traced_dropout:  # the traced dropout stays (and its casts): the op reads its output
+            flags["x_adapter"] = n.dropout
+        if spec.seeded:  # a graph-drawn seed: a checkpointed region's recompute reads the same one
+            flags["seed"] = graph.call_function(torch.randint, (0, 2**62, ()), {"dtype": torch.int64})
         op = graph.call_function(
             torch.ops.fxlora.lora_linear.default,
             (n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), *positional),

@@ -35,7 +35,9 @@ def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) 
         A = (torch.randn(r, i, dtype=site.adapter_dtype, device=device) * i**-0.5).requires_grad_(site.a_trainable)
         B = (torch.randn(o, r, dtype=site.adapter_dtype, device=device) * 0.01).requires_grad_(site.b_trainable)
         kwargs = dict(flags)
-        if spec.traced_dropout:  # the traced drop(x) the op reads
+        if spec.seeded:
+            kwargs["seed"] = torch.tensor(1234, dtype=torch.int64)
+        elif spec.traced_dropout:  # the traced drop(x) the op reads
             kwargs["x_adapter"] = torch.nn.functional.dropout(x.detach(), site.dropout_p).to(adapter_dtype)
             kwargs["x_adapter"].requires_grad_(shape.x_needs_grad)
         wrt = [t for t in (x, A, B, kwargs.get("x_adapter")) if t is not None and t.requires_grad]
