@@ -4,7 +4,9 @@
     print(fxlora.last_report())
 """
 
+from fxlora.accounting import account
 from fxlora.backend import fxlora_backend
+from fxlora.breaks import install_break_records
 from fxlora.config import Config
 from fxlora.distributed import install_ddp_split_after_rewrite
 from fxlora.explain import explain
@@ -16,10 +18,11 @@ from fxlora.verify import VerificationError
 from fxlora import velora
 from fxlora.velora import freeze_lora_A
 
-__all__ = ["Config", "Report", "clear_reports", "explain", "freeze_lora_A", "fxlora_backend", "last_report", "set_logs", "velora", "VerificationError"]
+__all__ = ["Config", "Report", "account", "clear_reports", "explain", "freeze_lora_A", "fxlora_backend", "last_report", "set_logs", "velora", "VerificationError"]
 __version__ = "0.1.0"
 
 configure_from_env()  # FXLORA_LOG=info|debug
 install_ddp_split_after_rewrite()  # under DDP, fxlora rewrites whole graphs before Dynamo splits them into buckets
 install_checkpoint_side_effects()  # checkpointed layers with Python side effects trace under fxlora (fxlora/tracing.py)
+install_break_records()  # Dynamo's graph breaks in fxlora's compiles, with where they cut (fxlora/breaks.py)
 install_accelerate_hook()  # TrainingArguments(torch_compile_backend="fxlora") passes accelerate's name check

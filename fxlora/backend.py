@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
+from fxlora.accounting import describe_graph
+from fxlora.breaks import ended_by
 from fxlora.config import Config, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
 from fxlora.graph.edit import copy_graph_module
+from fxlora.graph.read import parameter_inputs
 from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.logs import log_report
 from fxlora.pipeline import PipelineResult, count, run_pipeline
 from fxlora.report import GraphReport, record
-from fxlora.tracing import mark_backend
+from fxlora.tracing import mark_backend, traced_frame
 from fxlora.verify import verify_first_call
 
 log = logging.getLogger("fxlora")
@@ -100,6 +104,7 @@ def compile_graph(
         fallback=fallback,
         notes=([NO_BACKWARD_NOTE] if no_backward else []) + ([piece_note] if piece_note else []),
         no_backward=no_backward,
+        **_holdings(original),
     )
     rewritten = gm is not original
     if run_with is not None:
@@ -140,6 +145,24 @@ def compile_graph(
     if config.verify and rewritten:
         compiled = verify_first_call(original, gm, compiled, f"graph {compile_id} ({result.rewritten} rewritten sites)")
     return compiled
+
+
+def _holdings(gm: fx.GraphModule) -> dict[str, Any]:
+    """What the graph holds, for the accounting of adapter layers (fxlora/accounting.py): the
+    parameters it reads and the traced frame's module (weakly: a report never keeps a model
+    alive), what they are in words, and the graph break it ends at. Never fails a compile."""
+    try:
+        root, code = traced_frame()
+        return dict(
+            contents=describe_graph(gm, root),
+            ended_by=ended_by(gm),
+            frame_module=weakref.ref(root) if root is not None else None,
+            frame_code=code,
+            parameters=[weakref.ref(p) for _, p in parameter_inputs(gm)],
+        )
+    except Exception as err:  # noqa: BLE001 - a report detail is never why a graph fails
+        log.debug("fxlora: could not describe what the graph holds (%s: %s)", type(err).__name__, err)
+        return {}
 
 
 def untouched(report: GraphReport, why: str) -> None:

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from fxlora.accounting import account
 from fxlora.backend import compile_graph
+from fxlora.breaks import collecting
 from fxlora.config import Config
 from fxlora.distributed import splits_after_rewrite
 from fxlora.report import GraphReport, Report, VerboseReport
@@ -19,8 +21,10 @@ def explain(model: Any, *args: Any, options: Any = None, verbose: bool = False, 
 
     Runs one forward pass (gradients enabled, so trainability is seen as in training);
     decisions are made as under the real inner compiler, the graphs run eagerly, and the
-    model is not changed. `print(report)` shows the site tables; `report.format(verbose=True)`
-    adds every candidate form with its formulas (`verbose` here only sets what `str` shows).
+    model is not changed. `print(report)` shows the site tables, the graph breaks met and, when
+    `model` is an nn.Module, its adapter layers accounted for (`report.accounting`, as
+    `fxlora.account(model)`); `report.format(verbose=True)` adds every candidate form with its
+    formulas (`verbose` here only sets what `str` shows).
     """
     config = Config.from_options(options)
     captured: list[GraphReport] = []
@@ -31,11 +35,14 @@ def explain(model: Any, *args: Any, options: Any = None, verbose: bool = False, 
         return compile_graph(gm, example_inputs, config, on_report=captured.append, run_with="eager", split=split)
 
     # A fresh backend object gets its own cache entry; lift the limit so repeated explains still trace.
-    with torch._dynamo.config.patch(recompile_limit=10_000, accumulated_recompile_limit=10_000):
+    with torch._dynamo.config.patch(recompile_limit=10_000, accumulated_recompile_limit=10_000), collecting() as breaks:
         torch.compile(model, backend=capture)(*args, **kwargs)
     if not captured:
         raise RuntimeError(
             "fxlora.explain traced no graph: the call ran without Dynamo compiling anything "
             "(is the model already compiled with another backend, or is torch._dynamo disabled?)"
         )
-    return VerboseReport(captured) if verbose else Report(captured)
+    report = (VerboseReport if verbose else Report)(captured, breaks)
+    if isinstance(model, torch.nn.Module):
+        report.accounting = account(model, report)
+    return report

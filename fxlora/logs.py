@@ -1,8 +1,9 @@
 """fxlora's decisions in the user's training logs, through the standard `logging` module.
 
 Everything fxlora says goes to the logger "fxlora": at INFO one line per compiled graph
-(sites found, rewritten, rejected) and one line per site left alone, with the reason; at
-DEBUG the whole site report of every graph. Three ways to see it:
+(sites found, rewritten, rejected), one line per site left alone, with the reason, and one per
+distinct Dynamo graph break met while tracing for fxlora, with what to do; at DEBUG the whole
+site report of every graph. Three ways to see it:
 
     FXLORA_LOG=info python train.py        # or debug; fxlora attaches a stderr handler on import
     TORCH_LOGS="fxlora" python train.py    # torch's switch: "+fxlora" for DEBUG, TORCH_LOGS_OUT=file
@@ -15,11 +16,12 @@ import logging
 import os
 from typing import Optional, Union
 
-from fxlora.report import GraphReport, checkpoint_note, summary
+from fxlora.report import GraphBreak, GraphReport, checkpoint_note, summary
 
 LOG_ENV = "FXLORA_LOG"
 log = logging.getLogger("fxlora")
 _handler: Optional[logging.Handler] = None
+_breaks_logged: set = set()  # GraphBreak.key: a break met in many frames is said once
 
 
 def set_logs(level: Union[str, int, None] = "info", stream=None) -> None:
@@ -82,3 +84,12 @@ def log_report(report: GraphReport) -> None:
     if report.checkpointed_regions and not report.regions:
         log.info("fxlora: graph %s: %s", graph, checkpoint_note(report.checkpointed_regions))
     log.debug("fxlora: report of graph %s\n%s", graph, report.format(verbose=True))
+
+
+def log_break(brk: GraphBreak) -> None:
+    """A Dynamo graph break in one of fxlora's compiles, once per distinct break, at INFO."""
+    if brk.key in _breaks_logged or not log.isEnabledFor(logging.INFO):
+        return
+    _breaks_logged.add(brk.key)
+    log.info("fxlora: Dynamo graph break in %s: %s; what to do: %s", brk.frame or "a traced frame", brk.describe(),
+             brk.advice)

@@ -1,7 +1,8 @@
 """What fxlora saw and did, as data (GraphReport, Report) and as text, for every kind alike.
 
-The store keeps the latest 64 graph reports of this process (`last_report()`); the backend
-records into it, explain builds its own. Formatting reads each kind's table cells from the
+The store keeps the latest 64 graph reports of this process (`last_report()`) and the latest
+Dynamo graph breaks of fxlora's compiles (fxlora/breaks.py records them); the backend records
+into it, explain builds its own. Formatting reads each kind's table cells from the
 kind itself (fxlora/kinds/base.py `Kind.row`), so a new kind needs nothing here.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 _RECENT: collections.deque = collections.deque(maxlen=64)
+_BREAKS: collections.deque = collections.deque(maxlen=256)
 
 
 @dataclass
@@ -78,6 +80,12 @@ class GraphReport(_Results):
     no_backward: bool = False  # gradients disabled: forms chosen by FLOPs, saved bytes do not apply
     rules: dict = field(default_factory=dict)  # normalisation rule -> times fired (fxlora/normalize.py)
     near_misses: list = field(default_factory=list)  # Rejection per adapter-like layer no kind matched
+    # What the graph holds, for fxlora/accounting.py and the why of "0 adapter sites":
+    contents: str = ""  # its parameters in a few words (fxlora/accounting.py `describe_graph`)
+    ended_by: str = ""  # the Dynamo graph break this graph ends at, when it does
+    frame_module: Any = None  # weakref to the module whose frame Dynamo traced: `module` paths start there
+    frame_code: str = ""  # "file:line name" of that frame's code: Dynamo reuses the graph for its class's instances
+    parameters: list = field(default_factory=list)  # weakref per parameter the graph reads
 
     @property
     def all_sites(self) -> list:
@@ -102,10 +110,43 @@ class GraphReport(_Results):
 
 
 @dataclass
+class GraphBreak:
+    """One Dynamo graph break while tracing for fxlora (recorded by fxlora/breaks.py)."""
+
+    gb_type: str  # Dynamo's name for it: "HOP: Unsafe side effect", "Data-dependent branching", ...
+    explanation: str = ""
+    context: str = ""  # Dynamo's developer context: "Attempted to mutate ..."
+    hint: str = ""  # Dynamo's first hint
+    where: str = ""  # the user line that broke: "peft/tuners/loha/layer.py:241 in forward: `...`"
+    installed: bool = False  # that line is in an installed package (site-packages), not the user's code
+    frame: str = ""  # the frame Dynamo was tracing: "LlamaDecoderLayer.forward (transformers/...:280)"
+    skipped: bool = False  # Dynamo gave up on the whole frame and ran it uncompiled
+    calls: int = 0  # user frames between the traced frame and the break (> 0: it broke inside a call)
+    module: Any = None  # weakref to the frame's module (`self`)
+    module_class: Optional[type] = None
+    skip_checkpoint_side_effects: bool = True  # the option of the compile it broke
+    advice: str = ""  # what the user can do (fxlora/breaks.py ADVICE)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Breaks with the same key are one cause met in several frames."""
+        return self.gb_type, self.where
+
+    def describe(self) -> str:
+        """Dynamo's reason in one line: its name, explanation and context, where it broke."""
+        text = self.gb_type + (f": {self.explanation}" if self.explanation else "")
+        text += f" ({self.context})" if self.context else ""
+        return text + (f" at {self.where}" if self.where else "")
+
+
+@dataclass
 class Report:
-    """Every graph fxlora compiled for one call (several when Dynamo breaks the graph)."""
+    """Every graph fxlora compiled for one call (several when Dynamo breaks the graph), the
+    graph breaks met on the way, and, when the model is known, its adapter layers accounted for."""
 
     graphs: list[GraphReport]
+    breaks: list[GraphBreak] = field(default_factory=list)
+    accounting: Any = None  # fxlora.accounting.Accounting: explain sets it, `fxlora.account(model)` builds it
 
     @property
     def sites(self) -> list:
@@ -135,9 +176,12 @@ class Report:
         return [r for g in self.graphs if g.result(kind) for r in g.result(kind).match.rejections]
 
     def format(self, verbose: bool = False) -> str:
-        if not self.graphs:
-            return "fxlora: no graph compiled yet"
-        return "\n\n".join(g.format(verbose) for g in self.graphs)
+        parts = [g.format(verbose) for g in self.graphs] or ["fxlora: no graph compiled yet"]
+        if self.breaks:
+            parts.append("\n".join(format_breaks(self.breaks)))
+        if self.accounting is not None:
+            parts.append(self.accounting.format())
+        return "\n\n".join(parts)
 
     def __str__(self) -> str:
         return self.format()
@@ -147,12 +191,18 @@ def record(report: GraphReport) -> None:
     _RECENT.append(report)
 
 
+def record_break(brk: GraphBreak) -> None:
+    _BREAKS.append(brk)
+
+
 def last_report(verbose: bool = False) -> Report:
-    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first.
+    """The reports of the graphs fxlora compiled in this process (the latest 64), oldest first,
+    and the Dynamo graph breaks met while tracing for fxlora.
 
     Printing it shows the short form; `last_report(verbose=True)` (or `.format(verbose=True)`)
-    prints every form's candidates too."""
-    return VerboseReport(list(_RECENT)) if verbose else Report(list(_RECENT))
+    prints every form's candidates too. `fxlora.account(model)` adds the model's adapter layers."""
+    cls = VerboseReport if verbose else Report
+    return cls(list(_RECENT), list(_BREAKS))
 
 
 class VerboseReport(Report):
@@ -163,7 +213,9 @@ class VerboseReport(Report):
 
 
 def clear_reports() -> None:
+    """Forget the recorded graph reports and graph breaks (tests start from a clean store)."""
     _RECENT.clear()
+    _BREAKS.clear()
 
 
 # --- formatting ---------------------------------------------------------------------
@@ -180,7 +232,15 @@ def summary(g: GraphReport) -> str:
     if g.regions:
         parts.append(f"{len(g.regions)} checkpointed region(s): {sum(len(r.sites) for r in g.regions)} sites, "
                      f"{sum(r.rewritten for r in g.regions)} rewritten")
-    return "; ".join(parts) or "0 adapter sites"
+    return "; ".join(parts) or f"0 adapter sites: {no_site_why(g)}"
+
+
+def no_site_why(g: GraphReport) -> str:
+    """Why a graph has no site: what it holds, and the graph break it ends at (a count never stands alone)."""
+    if g.near_misses:
+        return "its adapter-like layers match no kind (listed below)"
+    why = g.contents or "no kind found an adapter's math in it"
+    return why + (f"; Dynamo ended this graph at a graph break: {g.ended_by}" if g.ended_by else "")
 
 
 def kind_summary(r) -> str:
@@ -189,6 +249,25 @@ def kind_summary(r) -> str:
     shared = sum(1 for members in m.input_groups.values() if len(members) > 1)
     text += f", {sum(d.rewritten for d in r.decisions)} rewritten, {len(m.rejections)} rejected"
     return text + (f", {shared} shared-input groups" if shared else "")
+
+
+def format_breaks(breaks: list[GraphBreak]) -> list[str]:
+    """Each distinct graph break once: Dynamo's reason, the frames it hit, what to do."""
+    groups: dict = {}
+    for b in breaks:
+        groups.setdefault(b.key, []).append(b)
+    lines = [f"Dynamo graph breaks while tracing for fxlora ({len(groups)} distinct, in {len(breaks)} frames):"]
+    for group in groups.values():
+        frames = list(dict.fromkeys(b.frame for b in group if b.frame))
+        skipped = sum(b.skipped for b in group)
+        lines.append(f"  {group[0].describe()}")
+        if frames:
+            more = f", +{len(frames) - 3} more" if len(frames) > 3 else ""
+            lines.append(f"    in {', '.join(frames[:3])}{more}"
+                         + (f"; Dynamo ran {skipped} of these frames uncompiled" if skipped else ""))
+        if group[0].advice:
+            lines.append(f"    what to do: {group[0].advice}")
+    return lines
 
 
 def _format_graph(g: GraphReport, verbose: bool) -> list[str]:

@@ -96,3 +96,29 @@ def install_checkpoint_side_effects() -> bool:
 def _compiler_fn(tx: Any) -> Optional[Any]:
     output = getattr(tx, "output", None)
     return getattr(output, "compiler_fn", None)
+
+
+def traced_frame(tx: Any = None) -> tuple[Optional[Any], str]:
+    """(the nn.Module whose method Dynamo is tracing, "file:line name" of that method's code) for
+    `tx` or the current translator. The module is the frame's `self`, else its first module
+    argument (a hook's `module`): module paths in a graph's nn_module_stack are relative to it.
+    (None, "") outside Dynamo; (None, code) in a plain function."""
+    import torch
+
+    if tx is None:
+        try:
+            from torch._dynamo.symbolic_convert import InstructionTranslator
+
+            tx = InstructionTranslator.current_tx()
+        except Exception:  # noqa: BLE001 - an older torch, or not tracing
+            return None, ""
+    f_locals = getattr(tx, "f_locals", None) or {}
+    candidates = [f_locals.get("self"), *f_locals.values()]
+    module = next((m for m in candidates if isinstance(m, torch.nn.Module)), None)
+    code = getattr(tx, "f_code", None)
+    return module, f"{code.co_filename}:{code.co_firstlineno} {code.co_name}" if code is not None else ""
+
+
+def frame_module(tx: Any = None) -> Optional[Any]:
+    """The module of `traced_frame`."""
+    return traced_frame(tx)[0]

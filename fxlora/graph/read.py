@@ -182,3 +182,51 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
             seen.add(m)
             stack.extend(m.all_input_nodes)
     return seen
+
+
+_SOURCE_ROOT = re.compile(r"^[LG]\['([^']+)'\]")
+_SOURCE_KEY = re.compile(
+    r"(?:\.__dict__\['_(?:modules|parameters|buffers)'\]|\._(?:modules|parameters|buffers))\['([^']+)'\]")
+
+
+def source_path(name: str) -> str:
+    """A Dynamo source name as a dotted path from the traced frame's `self`
+    (`L['self']._modules['q_proj']._parameters['weight']` -> `q_proj.weight`); another local
+    keeps its name (`L['lora_A']._parameters['weight']` -> `lora_A.weight`)."""
+    root = _SOURCE_ROOT.match(name)
+    path = _SOURCE_KEY.sub(r".\1", name[root.end():] if root else name)
+    if root and root.group(1) != "self":
+        path = root.group(1) + path
+    return path.lstrip(".")
+
+
+def _source_name(node: fx.Node) -> Optional[str]:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    return source_path(name) if isinstance(name, str) else None
+
+
+def input_name(node: Any) -> str:
+    """A graph input as people know it (`lora_A.default.weight`), else the node's name."""
+    if isinstance(node, fx.Node):
+        return (_source_name(node) if node.op == "placeholder" else None) or node.name
+    return repr(node)
+
+
+def parameter_inputs(gm: fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]:
+    """(path from the frame's `self`, the real parameter) for every parameter the graph reads:
+    lifted to a placeholder (Dynamo's GraphArg keeps its source and value) or an attribute."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        grapharg = node.meta.get("grapharg")
+        try:
+            real = grapharg.example if grapharg is not None else None
+        except Exception:  # noqa: BLE001 - a value Dynamo no longer holds
+            real = None
+        if isinstance(real, torch.nn.Parameter):
+            found.append((_source_name(node) or node.name, real))
+    found += [(name, p) for name, p in gm.named_parameters()]
+    return found

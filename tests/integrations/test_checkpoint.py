@@ -195,3 +195,43 @@ def test_seeded_masks_in_a_region_are_exact(form):
     assert_same_step(ref, got, rtol=1e-4, atol=1e-5)
     decisions = _regions(fxlora.last_report())[0].decisions
     assert [d.chosen.form.name for d in decisions] == [form] * 7
+
+
+@pytest.mark.inductor
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["f1/b1+seeded", "f1/b1+traced-mask"])
+def test_dropout_forms_in_a_region_under_inductor_match_finite_differences(form):
+    """Under Inductor the masks are Inductor's (not eager's), so the check is the gradient itself:
+    in float64 weights, the loss at a fixed RNG state is a function of the adapter weights, and the compiled
+    backward (which recomputes the region) must be its derivative. A recompute that drew another
+    mask than the forward would miss it by the size of the gradient."""
+    model = _checkpointed(False, dropout=0.2, layers=1).double()
+    batch = token_batch(2, 16)
+    compiled = torch.compile(model, backend="fxlora", options={"force_form": form})
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+
+    def loss():
+        torch.manual_seed(3)
+        return compiled(**batch).loss
+
+    fxlora.clear_reports()
+    grads = torch.autograd.grad(loss(), params)
+    assert [d.chosen.form.name for d in _regions(fxlora.last_report())[0].decisions] == [form] * 7
+    gen = torch.Generator().manual_seed(0)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    eps = 1e-3  # the LM loss comes out in float32 (HF upcasts the logits): the difference needs a wide step
+
+    def shift(k):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(k * eps * d)
+
+    # the shifted losses with gradients enabled: the same graph (under no_grad Dynamo compiles another one)
+    shift(1)
+    up = loss().detach()
+    shift(-2)
+    down = loss().detach()
+    shift(1)
+    numeric = (up - down) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
+    torch.testing.assert_close(analytic, numeric.double(), rtol=1e-2, atol=1e-5)  # a wrong mask misses by ~100%

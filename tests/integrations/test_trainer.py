@@ -35,7 +35,7 @@ def _train(compile_backend, *, checkpointing=False):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    return losses, adapters
+    return losses, adapters, trainer.model
 
 
 def _assert_same_training(ref, got):
@@ -64,6 +64,8 @@ def test_trainer_torch_compile_backend_fxlora(clean_environ, monkeypatch, checkp
     else:
         assert sum(len(g.sites) for g in graphs) == 7
         assert all(d.rewritten for g in graphs for d in g.decisions)
+    # every adapter layer accounted for, from the model the Trainer holds (accelerate compiled it)
+    assert str(fxlora.account(got[2])).splitlines()[0] == "adapter layers: 7 in the model, 7 seen by fxlora, 7 rewritten"
 
 
 def test_import_fxlora_registers_with_accelerate_before_and_after():

@@ -147,7 +147,9 @@ def _unsupported_layer_adapters(graph: fx.Graph) -> list[Rejection]:
         elif (
             is_call(node, _MATMUL_TARGETS + LINEAR_TARGETS)
             and is_call(node.args[0], _EMBEDDING_TARGETS)
-            and not is_tensor_input(arg(node.args[0], 1, "weight"))  # PEFT looks up rows of A^T, not a weight
+            # PEFT looks up rows of A^T (a trainable tensor, transposed), not a weight computed otherwise
+            # (trainable tokens' W.index_copy(...) feeding a LoRA on the next layer is no Embedding LoRA)
+            and _transposed_trainable(arg(node.args[0], 1, "weight"))
             and _low_rank_pair(arg(node.args[0], 1, "weight"), node.args[1], transposed_inner=True,
                                linear_outer=is_call(node, LINEAR_TARGETS))  # normalised: linear(., B)
         ):
@@ -159,15 +161,22 @@ def _unsupported_layer_adapters(graph: fx.Graph) -> list[Rejection]:
     return found
 
 
+def _transposed_trainable(node) -> bool:
+    """`A.t()` (normalised transposes are `t`) of a trainable tensor input."""
+    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t"
+            and is_tensor_input(node.args[0]) and requires_grad(node.args[0]))
+
+
 def _low_rank_pair(inner, outer, *, pointwise_outer=False, transposed_inner=False, linear_outer=False) -> bool:
     """Inner weight maps in -> r, outer r -> out, with r below both: a plain CNN's conv(conv(x))
-    or an embedding followed by a projection is not an adapter."""
+    or an embedding followed by a projection is not an adapter. A conv's in is its fan-in,
+    in_channels/groups x kernel (the columns of A as a matrix), not its channel count."""
     A, B = value(inner), value(outer)
     if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or A.dim() < 2 or B.dim() < 2:
         return False
     if linear_outer:  # B as a linear's weight (out, r): read it as the matmul operand B^T
         B = B.t()
-    r, n_in = (A.shape[1], A.shape[0]) if transposed_inner else (A.shape[0], A.shape[1])
+    r, n_in = (A.shape[1], A.shape[0]) if transposed_inner else (A.shape[0], A.shape[1:].numel())
     n_out = B.shape[1] if transposed_inner else B.shape[0]
     rank_in = B.shape[0] if transposed_inner else B.shape[1]
     if pointwise_outer and any(k != 1 for k in B.shape[2:]):

@@ -4,8 +4,9 @@
 
 A: (r, in) and B: (out, r) are frozen (PEFT slices them from random matrices shared by
 every layer: `vera_A[:, :in]`, `vera_B[:out, :]`), lambda_d: (r,) and lambda_b: (out,) are
-vectors, at least one trainable. Everything else -- a trainable W, A or B, dropout on the
-adapter's input, an intermediate read elsewhere -- is a `Rejection` with its reason.
+vectors, at least one trainable. Everything else -- a trainable W, A or B, a dropout only the
+adapter reads (vera_dropout > 0; a dropout the base layer reads too is part of x), an
+intermediate read elsewhere -- is a `Rejection` with its reason.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _prove(lin2: fx.Node):
             raise NotASite(f"{n.name} is also read outside the adapter")
 
     u = lin1.args[0]
-    if is_call(u, DROPOUT_TARGETS):
+    # A dropout only the adapter reads is its own (vera_dropout > 0); one the base reads too is part of x
+    # (the model's own nn.Dropout before the layer), so the site reads x as the base does.
+    if is_call(u, DROPOUT_TARGETS) and len(u.users) == 1:
         raise NotASite("dropout on the adapter's input (vera_dropout > 0): not supported yet, kept as graph ops")
     if len(m2.users) != 1 or not is_call(next(iter(m2.users)), ADD_TARGETS):
         raise NotASite("lambda_b * B(...) is not only added to a base layer's output")

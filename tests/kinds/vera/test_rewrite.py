@@ -32,3 +32,20 @@ def test_vera_with_trainable_A_or_dropout_is_rejected():
     report = fxlora.last_report()
     assert not report.sites
     assert "dropout" in str(report)
+
+
+@pytest.mark.parametrize("form", [None, "act", "weight"])
+def test_vera_after_the_models_own_dropout_equals_eager_peft(form):
+    """PEFT's custom MLP: lin1 reads the model's own nn.Dropout(0.5), and so does VeRA's A. A dropout the base
+    layer reads too is part of x (vera_dropout is 0): the site is rewritten, exact, the dropout stays."""
+    from peft import VeraConfig
+
+    from fxlora.testing.peft_custom import custom_model
+
+    model, x = custom_model("MLP", VeraConfig(r=4, target_modules=["lin1"]))
+    ref = step(model, x)
+    fxlora.clear_reports()
+    assert_same_step(ref, step(compiled(model, scaling_form=form), x), **FP32)
+    decisions = _decisions()
+    assert len(decisions) == 1 and decisions[0].rewritten
+    assert not fxlora.last_report().rejections
