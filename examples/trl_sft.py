@@ -40,7 +40,7 @@ def tiny_llama(seed: int = 0) -> tf.LlamaForCausalLM:
     return tf.LlamaForCausalLM(config)
 
 
-def train(backend: str, steps: int = 2, output_dir: str = "sft_out", **config_overrides):
+def train(backend: str, steps: int = 2, output_dir: str = "sft_out", lora_dropout: float = 0.0, **config_overrides):
     """`steps` SGD steps of SFTTrainer; returns the trainer (losses in trainer.state.log_history)."""
     args = SFTConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, optim="sgd",
@@ -51,7 +51,7 @@ def train(backend: str, steps: int = 2, output_dir: str = "sft_out", **config_ov
     )
     trainer = SFTTrainer(
         model=tiny_llama(), args=args, train_dataset=counting_dataset(), processing_class=word_level_tokenizer(),
-        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     trainer.train()
     return trainer
@@ -61,8 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", default="fxlora")
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
     args = parser.parse_args()
-    trainer = train(args.backend, args.steps)
+    trainer = train(args.backend, args.steps, lora_dropout=args.lora_dropout)
     print("losses:", [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h])
 
 

@@ -26,8 +26,8 @@ def test_verify_names_the_input_whose_gradient_is_wrong(monkeypatch):
     real = lora_ops.lora_linear_backward
 
     def wrong_dA(*args, **kwargs):
-        dX, db, dA, dB = real(*args, **kwargs)
-        return dX, db, dA * 2, dB
+        dX, db, dA, dB, dXa = real(*args, **kwargs)
+        return dX, db, dA * 2, dB, dXa
 
     monkeypatch.setattr(lora_ops, "lora_linear_backward", wrong_dA)
     model = with_lora(tiny_model("llama", layers=1), "llama", r=4)

@@ -27,11 +27,14 @@ def _run(backend, tmp_path, **overrides):
 CASES = {
     "sftconfig_defaults": ({}, dict(rtol=1e-4, atol=1e-5), 1e-2),
     "fp32_no_checkpointing": ({"gradient_checkpointing": False, "bf16": False}, dict(rtol=1e-5, atol=1e-6), 1e-5),
+    # checkpointing on (SFTConfig's default) and the usual recipe's dropout, in fp32: exact
+    "fp32_checkpointing_dropout": ({"bf16": False, "lora_dropout": 0.05}, dict(rtol=1e-5, atol=1e-6), 1e-5),
 }
 
 
 @pytest.mark.parametrize("case", [
-    "sftconfig_defaults", pytest.param("fp32_no_checkpointing", marks=pytest.mark.slow),  # slow: keeps `make test` short
+    "sftconfig_defaults", "fp32_checkpointing_dropout",
+    pytest.param("fp32_no_checkpointing", marks=pytest.mark.slow),  # slow: keeps `make test` short
 ])
 def test_sft_trainer_lora_under_fxlora(clean_environ, monkeypatch, tmp_path, case):
     overrides, loss_tolerance, weight_tolerance = CASES[case]
