@@ -298,7 +298,8 @@ def _format_regions(g: GraphReport, verbose: bool) -> list[str]:
     reentrant = "/".join(f"use_reentrant={v}" for v in settings) or "use_reentrant unknown"
     lines = [f"  {len(g.regions)} activation-checkpointed region(s) ({reentrant}) searched: "
              f"{sum(len(r.sites) for r in g.regions)} sites, {sum(r.rewritten for r in g.regions)} rewritten; "
-             "forms chosen by FLOPs (a region's forward runs again in backward and keeps only its inputs)"]
+             "forms chosen by measured time with the forward counted twice, or by FLOPs without timings "
+             "(a region's forward runs again in backward and keeps only its inputs)"]
     for region in g.regions:
         lines.append(f"  region {region.body} (use_reentrant={region.use_reentrant}):"
                      + (f" left untouched: {region.fallback}" if region.fallback else ""))
