@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch.utils.checkpoint import CheckpointPolicy
 
 from fxlora.graph.read import (
     ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, ancestors, arg, is_call, is_method, is_tensor_input,
@@ -326,9 +327,20 @@ def noop(ctx: _Ctx, n: fx.Node) -> bool:
         return ctx.replace(n, n.args[0])
     if n.target == "contiguous" and not n.kwargs and src.is_contiguous():
         return ctx.replace(n, n.args[0])
+    if n.target == "clone" and not n.kwargs and len(n.args[0].users) == 1:
+        # PEFT's QLoRA layers clone the base's output before adding to it: with no other reader
+        # and no in-place op on either side, the copy is the value itself.
+        if ctx.tainted is None:
+            ctx.tainted = _tainted(ctx.graph)
+        if n not in ctx.tainted and n.args[0] not in ctx.tainted and not _written_in_place(n):
+            return ctx.replace(n, n.args[0])
     if n.target in ("view", "reshape", "flatten", "expand") and src.shape == out.shape:
         return ctx.replace(n, n.args[0])
     return False
+
+
+def _written_in_place(n: fx.Node) -> bool:
+    return any(_impure(u) and u.args and u.args[0] is n for u in n.users)
 
 
 def transpose(ctx: _Ctx, n: fx.Node) -> bool:
@@ -546,6 +558,171 @@ def _low_rank_product(S: fx.Node) -> Optional[tuple[fx.Node, fx.Node, list]]:
     return A, B, scales
 
 
+# --- a 4-bit base: bitsandbytes' autograd function as linear(x, dequant(Wq), b) -----------------
+
+_AUTOGRAD_APPLY = getattr(torch.ops.higher_order, "autograd_function_apply", None)
+_MATMULS = (torch.matmul, operator.matmul, torch.mm)
+_DEQUANT_STEPS = (operator.iadd, operator.add)  # `absmax += offset` of double quantisation
+
+
+def _bnb_op(n: fx.Node) -> bool:
+    return n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "bitsandbytes"
+
+
+def _body(gm: fx.GraphModule, n: Any) -> Optional[fx.GraphModule]:
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        sub = getattr(gm, n.target, None)
+        return sub if isinstance(sub, fx.GraphModule) else None
+    return None
+
+
+def _bnb_weight_chain(bwd: fx.GraphModule) -> Optional[tuple[fx.Node, list, int]]:
+    """(W', its nodes in order, the operand index dX goes to) when `bwd` returns one gradient,
+    `dY @ W'`, and W' is computed from saved values by bitsandbytes dequantisation (and casts) alone."""
+    ph = [n for n in bwd.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in bwd.graph.nodes if n.op == "output").args[0]
+    grads = [(k, g) for k, g in enumerate(out) if g is not None]
+    if not ph or len(grads) != 1 or not is_call(grads[0][1], _MATMULS) or grads[0][1].args[0] is not ph[0]:
+        return None
+    index, mm = grads[0]
+    w = mm.args[1]
+    chain, stack, seen = [], [w], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or n.op == "placeholder" and n is not ph[0]:
+            continue
+        seen.add(n)
+        plain = n.op == "call_method" and n.target in CAST_NAMES or n.op == "call_function" and n.target in _DEQUANT_STEPS
+        if n is ph[0] or not (_bnb_op(n) or plain):
+            return None
+        chain.append(n)
+        stack.extend(n.all_input_nodes)
+    if not any(_bnb_op(n) for n in chain):
+        return None
+    order = {n: k for k, n in enumerate(bwd.graph.nodes)}
+    return w, sorted(chain, key=order.__getitem__), index
+
+
+def _bnb_forward(fwd: fx.GraphModule, x_index: int) -> Optional[tuple[list, Optional[fx.Node]]]:
+    """(the saved values as forward placeholders, the bias placeholder or None) when `fwd` returns
+    bitsandbytes' 4-bit product of operand `x_index` (CPU: `gemm_4bit`; CUDA: linear over a dequantised W)."""
+    ph = [n for n in fwd.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in fwd.graph.nodes if n.op == "output").args[0]
+    if not (isinstance(out, tuple) and len(out) == 2 and len(out[0]) == 1) or x_index >= len(ph):
+        return None
+    y, saved = out[0][0], out[1]
+    if not all(isinstance(v, fx.Node) and _views_of_inputs(v) for v in saved):
+        return None
+    if _bnb_op(y) and "gemm_4bit" in str(y.target) and y.args and y.args[0] is ph[x_index]:
+        bias = y.kwargs.get("bias", y.args[6] if len(y.args) > 6 else None)
+    elif is_call(y, LINEAR_TARGETS) and y.args[0] is ph[x_index] and any(_bnb_op(n) for n in ancestors(y.args[1])):
+        bias = arg(y, 2, "bias")
+    else:
+        return None
+    if bias is not None and not (isinstance(bias, fx.Node) and _views_of_inputs(bias)):
+        return None
+    return list(saved), bias
+
+
+_VIEWS = ("view", "reshape", "t", "contiguous", *CAST_NAMES)
+
+
+def _views_of_inputs(n: fx.Node) -> bool:
+    """`n` is a body input, or views and casts of one (what bitsandbytes saves: `B.view(-1, 1)`)."""
+    while n.op == "call_method" and n.target in _VIEWS and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n.op == "placeholder"
+
+
+def _copy_out(ctx: _Ctx, before: fx.Node, n: fx.Node, env: dict) -> fx.Node:
+    """`n` of a body (a view chain of its inputs), computed in the outer graph from `env`'s operands."""
+    if n not in env:
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda m: _copy_out(ctx, before, m, env))
+        env[n] = ctx.emit(before, n.op, n.target, args, kwargs, grad=False)
+    return env[n]
+
+
+def bnb_4bit_linear(ctx: _Ctx, n: fx.Node) -> bool:
+    """bitsandbytes' `MatMul4Bit` (the base of PEFT's QLoRA layers) reaches the graph as an
+    autograd-function higher-order op: forward `x W'^T (+ b)` with W' the 4-bit weight dequantised
+    inside its kernel, backward `dY W'` after dequantising again. Spelled `linear(x, W', b)` with
+    W' computed in the graph from the frozen quantised tensors by backward's own dequantisation
+    ops, marked to be recomputed in backward rather than kept (as bitsandbytes does: no
+    full-precision weight is saved). Same values: bitsandbytes' forward is that product."""
+    if _AUTOGRAD_APPLY is None or n.op != "call_function" or n.target is not _AUTOGRAD_APPLY or len(n.args) < 3:
+        return False
+    gm = ctx.graph.owning_module
+    fwd, bwd = _body(gm, n.args[0]), _body(gm, n.args[1])
+    if fwd is None or bwd is None:
+        return False
+    found = _bnb_weight_chain(bwd)
+    if found is None:
+        return False
+    w, chain, x_index = found
+    fwd_found = _bnb_forward(fwd, x_index)
+    if fwd_found is None:
+        return False
+    saved, bias = fwd_found
+    operands = n.args[2:]
+    getitems = list(n.users)
+    if not all(is_call(u, (operator.getitem,)) and u.args[1] == 0 for u in getitems) or not getitems:
+        return False
+    bwd_ph = [m for m in bwd.graph.nodes if m.op == "placeholder"][1:]  # after dY: forward's saved values
+    if len(bwd_ph) != len(saved):
+        return False
+    fwd_env = dict(zip((m for m in fwd.graph.nodes if m.op == "placeholder"), operands))
+    env = {m: _copy_out(ctx, n, saved[k], fwd_env) for k, m in enumerate(bwd_ph)}
+    x = operands[x_index]
+    for m in chain:  # backward's dequantisation, copied out before the op
+        args, kwargs = fx.node.map_arg((m.args, m.kwargs), env.__getitem__)
+        env[m] = ctx.emit(n, m.op, m.target, args, kwargs, grad=False)
+        env[m].meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE  # backward dequantises again: nothing full-size kept
+        env[m].meta["fxlora_dequantised"] = True  # a later rule may drop the final cast: every step is the weight
+    bias = None if bias is None else _copy_out(ctx, n, bias, fwd_env)
+    lin = _dequantised_linear(ctx, n, x, env[w], bias, getitems[0])
+    for u in getitems:
+        ctx.replace(u, lin)
+    if not n.users:
+        ctx.graph.erase_node(n)
+    return True
+
+
+def _dequantised_linear(ctx: _Ctx, before: fx.Node, x: fx.Node, weight: fx.Node, bias: Any, like: fx.Node) -> fx.Node:
+    if _t(weight) is None or _t(x) is None:
+        raise _Skip("no fake value")
+    if _t(weight).dtype != _t(x).dtype:
+        weight = ctx.emit(before, "call_method", "to", (weight, _t(x).dtype), grad=False)
+        weight.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    weight.meta["fxlora_dequantised"] = True  # a frozen weight, though not a graph input (graph.read.is_frozen_weight)
+    return ctx.emit(before, "call_function", LINEAR, (x, weight, bias), like=like)
+
+
+def bnb_4bit_gemm(ctx: _Ctx, n: fx.Node) -> bool:
+    """Where x needs no gradient bitsandbytes calls its fused 4-bit product directly
+    (`bitsandbytes::gemm_4bit`, no autograd function): spelled `linear(x, W', b)` as above,
+    W' = `dequantize_4bit` (after `dequantize_blockwise` of the absmax under double quantisation)."""
+    if not (n.op == "call_function" and _bnb_op(n) and "gemm_4bit" in str(n.target)):
+        return False
+    names = ("A", "B", "shapeB", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit", "absmax_code", "absmax_offset")
+    a = {k: arg(n, i, k) for i, k in enumerate(names)}
+    if any(a[k] is None for k in names[:6]):
+        return False
+    ops = torch.ops.bitsandbytes
+    absmax = a["absmax"]
+    if a["absmax_8bit"] is not None:  # double quantisation: the absmax is itself 8-bit, blockwise (256)
+        code = ctx.emit(n, "call_method", "to", (a["absmax_code"], _t(a["absmax_8bit"]).device), grad=False)
+        absmax = ctx.emit(n, "call_function", ops.dequantize_blockwise.default,
+                          (a["absmax_8bit"], a["absmax"], code, 256, torch.float32), grad=False)
+        absmax = ctx.emit(n, "call_function", operator.add, (absmax, a["absmax_offset"]), grad=False)
+        for m in (code, absmax.args[0], absmax):
+            m.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    weight = ctx.emit(n, "call_function", ops.dequantize_4bit.default,
+                      (a["B"], absmax, a["blocksize"], a["quant_type"], a["shapeB"], torch.float32), grad=False)
+    weight.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    weight.meta["fxlora_dequantised"] = True
+    return ctx.replace(n, _dequantised_linear(ctx, n, a["A"], weight, a["bias"], n))
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -554,10 +731,14 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("bnb_4bit_linear", "bitsandbytes' 4-bit `MatMul4Bit` (QLoRA's base, as an autograd-function op) is "
+         "`linear(x, W', b)`, W' dequantised in the graph and recomputed in backward, not kept", bnb_4bit_linear),
+    Rule("bnb_4bit_gemm", "bitsandbytes' fused `gemm_4bit` (its path when x needs no gradient) is "
+         "`linear(x, W', b)`, W' dequantised in the graph", bnb_4bit_gemm),
     Rule("same_weight", "a trainable weight computed twice from the same parameters is computed once "
          "(pyreft reads its orthogonal R twice)", same_weight),
     Rule("noop", "`.to(same dtype)`, `.contiguous()` of a contiguous tensor, a same-shape view, dropout p=0 "
-         "or not training: the input itself", noop),
+         "or not training, `.clone()` of a value nothing else reads or writes: the input itself", noop),
     Rule("transpose", "`.T .mT .t() torch.t transpose(0,1) permute(1,0)` of a 2-D tensor is `t(W)`; "
          "`t(t(W))` is W", transpose),
     Rule("matmul_to_linear", "`x @ M`, `matmul`, `mm`, with M 2-D: `linear(x, t(M))` "

@@ -104,6 +104,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def is_frozen_weight(node: Any) -> bool:
+    """A weight a layer reads: a graph input, or one normalisation dequantised from frozen
+    quantised inputs (`meta["fxlora_dequantised"]`: QLoRA's 4-bit base)."""
+    return is_tensor_input(node) or isinstance(node, fx.Node) and node.meta.get("fxlora_dequantised", False)
+
+
 def linear_layer(node: Any) -> Optional[tuple[fx.Node, fx.Node, Optional[fx.Node], str, tuple[fx.Node, ...]]]:
     """If `node` is a frozen-or-not linear layer's output, (x, W, b, kind, own nodes), else None.
 
@@ -112,7 +118,7 @@ def linear_layer(node: Any) -> Optional[tuple[fx.Node, fx.Node, Optional[fx.Node
     """
     if is_call(node, LINEAR_TARGETS):
         x, weight, bias = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
-        if is_tensor_input(weight) and (bias is None or is_tensor_input(bias)):
+        if is_frozen_weight(weight) and (bias is None or is_tensor_input(bias)):
             return x, weight, bias, "linear", ()
         return None
     if is_method(node, VIEW_METHODS) and is_call(node.args[0], ADDMM_TARGETS):
