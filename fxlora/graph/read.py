@@ -110,6 +110,31 @@ def is_frozen_weight(node: Any) -> bool:
     return is_tensor_input(node) or isinstance(node, fx.Node) and node.meta.get("fxlora_dequantised", False)
 
 
+_QUANT_NAMESPACES = ("bitsandbytes", "torchao", "gptq", "awq", "hqq", "quanto", "fbgemm", "marlin", "exllama")
+
+
+def quantized_ops(node: Any, depth: int = 3) -> set:
+    """Names of quantisation ops (by their op namespace) that compute `node`, looking `depth`
+    nodes up and into autograd-function bodies: how explain names a quantised base it cannot read."""
+    found: set = set()
+    stack = [(node, 0)]
+    seen: set = set()
+    while stack:
+        n, d = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or d > depth:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            if n.target.namespace.lower() in _QUANT_NAMESPACES:
+                found.add(n.target.name())
+        if n.op == "get_attr" and n.graph.owning_module is not None:
+            body = getattr(n.graph.owning_module, str(n.target), None)
+            if isinstance(body, fx.GraphModule):
+                stack.extend((m, d) for m in body.graph.nodes if m.op == "call_function")
+        stack.extend((m, d + 1) for m in n.all_input_nodes)
+    return found
+
+
 def linear_layer(node: Any) -> Optional[tuple[fx.Node, fx.Node, Optional[fx.Node], str, tuple[fx.Node, ...]]]:
     """If `node` is a frozen-or-not linear layer's output, (x, W, b, kind, own nodes), else None.
 

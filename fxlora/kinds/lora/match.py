@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fxlora.graph.prove import NotASite, Rejection, check_base
 from fxlora.graph.read import (
+    quantized_ops,
     ADD_TARGETS,
     ADDMM_TARGETS,
     DROPOUT_TARGETS,
@@ -317,11 +318,20 @@ def _base_layer(node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
     """`linear(x, W, b)` or GPT-2's Conv1D `addmm(b, x.view(-1, in), W).view(...)`: (x, W, b, kind)."""
     layer = linear_layer(node)
     if layer is None:
-        raise NotASite(
-            f"the adapter is added to {_op_name(node)}, not to a linear layer's output "
-            "(quantized and custom bases are not matched)"
-        )
+        raise NotASite(f"the adapter is added to {_op_name(node)}, not to a linear layer's output ({_base_hint(node)})")
     return layer[:4]
+
+
+def _base_hint(node) -> str:
+    """Why the base was not read: a quantised base fxlora does not know is named as one."""
+    ops = quantized_ops(node)
+    if any("gemv_4bit" in op for op in ops):
+        return ("a bitsandbytes 4-bit weight packed for CPU inference: bitsandbytes repacks it the first time the "
+                "layer runs in eval mode without gradients; call model.train() before the first forward")
+    if ops:
+        return (f"a quantised base fxlora does not read: {', '.join(sorted(ops))}; only bitsandbytes 4-bit "
+                "(nf4/fp4, MatMul4Bit or gemm_4bit) bases are matched")
+    return "custom bases are not matched"
 
 
 def _op_name(node) -> str:
