@@ -91,6 +91,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="DDP bucket_cap_mb; small values split each graph into DDPOptimizer pieces [%(default)s]")
     step.add_argument("--checkpointing", action="store_true",
                       help="HF gradient checkpointing (use_reentrant=False) on every contestant, floor included")
+    step.add_argument("--quant", choices=("nf4", "fp4"), default=None,
+                      help="QLoRA: every contestant's base (floor included) saved and reloaded 4-bit with bitsandbytes' "
+                           "BitsAndBytesConfig (double quantisation, fp32 compute); needs the quant extra")
     step.add_argument("--seed", type=int, default=0, help="seeds weights, batch and dropout [%(default)s]")
     step.add_argument("--inner", choices=INNERS, default="inductor",
                       help="aot_eager: compile floor, peft-inductor and fxlora (option inner) without codegen; for smoke tests [%(default)s]")
@@ -176,6 +179,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ddp_bucket_mb=args.ddp_bucket_mb,
         profile_dir=os.path.join(args.out_dir, f"profile_{args.tag}") if args.profile else None,
         checkpointing=args.checkpointing,
+        quant=args.quant,
     )
 
 
@@ -219,6 +223,8 @@ def caption(result: BenchResult) -> str:
         + ("HF gradient checkpointing (use_reentrant=False) on every contestant, floor included; Dynamo's "
            "skip_fwd_side_effects_in_bwd_under_checkpoint on for all, so every compiled contestant traces its layers. "
            if s.get("checkpointing") else "")
+        + (f"Base weights 4-bit ({s['quant']}, double quantisation, bitsandbytes, fp32 compute) for every contestant, floor included. "
+           if s.get("quant") else "")
         + f"Median of {s['steps']} steps after {s['warmup']} warm-up, contestants interleaved; inner compiler {s['inner']}; "
         f"fxlora options {json.dumps(s['fxlora_options_used'])}. Best peer = better of peft-eager and peft-inductor per figure; "
         f"tax = (x - floor) / (best peer - floor). Saved = bytes saved for backward, parameters excluded. "

@@ -69,6 +69,8 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
         s.family, hidden=s.hidden, intermediate=s.intermediate, layers=s.layers, heads=s.heads,
         vocab=s.vocab, max_positions=max(4096, case.seq), seed=settings.seed,
     )
+    if settings.quant:
+        model = quantized(model, settings.quant)
     if name == FLOOR:
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # something must need grad for backward to run
@@ -84,6 +86,20 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(settings.device).train()
+
+
+def quantized(model: nn.Module, quant: str) -> nn.Module:
+    """`model` saved and reloaded with a 4-bit BitsAndBytesConfig, as a QLoRA user loads a hub model
+    (random init, nothing downloaded)."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        return type(model).from_pretrained(path, quantization_config=config, dtype=torch.float32)
 
 
 def _build_dit(name: str, case: Case, settings: Settings) -> nn.Module:

@@ -79,6 +79,7 @@ class Settings:
     ddp_bucket_mb: float = 25.0  # DDP's bucket_cap_mb; small values make Dynamo split each graph into pieces
     profile_dir: Optional[str] = None  # one profiled step per contestant and case, written here (bench/profile.py)
     checkpointing: bool = False  # HF gradient checkpointing (use_reentrant=False) on every contestant, floor included
+    quant: Optional[str] = None  # "nf4"/"fp4": every contestant's base reloaded 4-bit with bitsandbytes (QLoRA), floor included
 
     def __post_init__(self):
         unknown = [c for c in self.contestants if c not in ALL_CONTESTANTS]
@@ -92,6 +93,8 @@ class Settings:
             raise ValueError(f"inner must be one of {INNERS}, got {self.inner!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.quant not in (None, "nf4", "fp4"):
+            raise ValueError(f"quant must be nf4 or fp4, got {self.quant!r}")
         if self.warmup < 1 or self.steps < 1:
             raise ValueError("need at least 1 warm-up step (it carries the compile) and 1 timed step")
 
