@@ -7,6 +7,8 @@ Offline: a random-init tiny Llama, a word-level tokenizer built here, an in-memo
 """
 
 import argparse
+import tempfile
+from typing import Optional
 
 import torch
 import transformers as tf
@@ -40,8 +42,19 @@ def tiny_llama(seed: int = 0) -> tf.LlamaForCausalLM:
     return tf.LlamaForCausalLM(config)
 
 
-def train(backend: str, steps: int = 2, output_dir: str = "sft_out", lora_dropout: float = 0.0, **config_overrides):
-    """`steps` SGD steps of SFTTrainer; returns the trainer (losses in trainer.state.log_history)."""
+def quantized(model: tf.PreTrainedModel, quant: str) -> tf.PreTrainedModel:
+    """QLoRA's base: `model` saved and reloaded 4-bit (`quant`: nf4 or fp4) as from a hub checkpoint."""
+    config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        return type(model).from_pretrained(path, quantization_config=config, dtype=torch.float32)
+
+
+def train(backend: str, steps: int = 2, output_dir: str = "sft_out", lora_dropout: float = 0.0,
+          quant: Optional[str] = None, **config_overrides):
+    """`steps` SGD steps of SFTTrainer; returns the trainer (losses in trainer.state.log_history).
+    `quant` ("nf4"/"fp4"): a 4-bit base (QLoRA, bitsandbytes)."""
     args = SFTConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, optim="sgd",
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
@@ -50,7 +63,7 @@ def train(backend: str, steps: int = 2, output_dir: str = "sft_out", lora_dropou
         **config_overrides,
     )
     trainer = SFTTrainer(
-        model=tiny_llama(), args=args, train_dataset=counting_dataset(), processing_class=word_level_tokenizer(),
+        model=quantized(tiny_llama(), quant) if quant else tiny_llama(), args=args, train_dataset=counting_dataset(), processing_class=word_level_tokenizer(),
         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     trainer.train()
@@ -62,8 +75,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", default="fxlora")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--quant", choices=("nf4", "fp4"), help="QLoRA: a 4-bit base (needs bitsandbytes)")
     args = parser.parse_args()
-    trainer = train(args.backend, args.steps, lora_dropout=args.lora_dropout)
+    trainer = train(args.backend, args.steps, lora_dropout=args.lora_dropout, quant=args.quant)
     print("losses:", [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h])
 
 

@@ -70,7 +70,7 @@ def forced(config: Config):
 
 def owned(site: LoraSite) -> tuple:
     n = site.nodes
-    return (n.add, n.scaled, n.xab, n.xa, n.dropout, *n.input_casts, n.layer_out)
+    return (n.add, n.scaled, n.output_cast, n.xab, n.xa, n.dropout, *n.input_casts, n.layer_out)
 
 
 def row(site: LoraSite, match: Match) -> tuple[str, ...]:

@@ -123,7 +123,7 @@ def _replace_velora(gm: fx.GraphModule, site: LoraSite, v: torch.Tensor) -> None
 
 def _swap(n: LoraNodes, y: fx.Node, inserted: list[fx.Node]) -> None:
     replace_output(n.add, y, inserted)
-    erase_dead([n.add, n.scaled, n.xab, n.xa, n.dropout, *reversed(n.input_casts), n.layer_out, *_conv1d_parts(n.layer_out)])
+    erase_dead([n.add, n.scaled, n.output_cast, n.xab, n.xa, n.dropout, *reversed(n.input_casts), n.layer_out, *_conv1d_parts(n.layer_out)])
 
 
 def _conv1d_parts(layer_out: fx.Node) -> list[fx.Node]:

@@ -71,6 +71,21 @@ def test_qlora_sites_rewritten_and_exact(saved_llama, quant_type, double_quant, 
     assert len(decisions) == 7 and all(d.rewritten for d in decisions), [d.why for d in decisions]
 
 
+def test_bf16_adapters_over_fp32_compute(saved_llama):
+    """TRL casts QLoRA's adapters to bf16 (the QLoRA paper's recipe): PEFT then computes B(A(x)) in
+    bf16 and casts `s * B(A(x))` back to the base's fp32 before adding; the cast is part of the site."""
+    model = qlora(saved_llama)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    ref = step(model, batch())
+    fxlora.clear_reports()
+    got = step(compiled(model), batch())
+    assert_same_step(ref, got, **FP32)  # the same bf16 products and casts, in PEFT's order
+    decisions = fxlora.last_report().decisions_of("lora")
+    assert len(decisions) == 7 and all(d.rewritten for d in decisions), [d.why for d in decisions]
+
+
 def _linear4bit(bias: bool):
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(64, 32, bias=bias, compute_dtype=torch.float32, quant_type="nf4")
