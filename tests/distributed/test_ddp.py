@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 SITES = 14  # 7 linears x 2 layers
 
 
-@pytest.mark.parametrize("order", ["ddp-then-compile", "compile-then-ddp"])
+@pytest.mark.parametrize("order", ["ddp-then-compile", pytest.param("compile-then-ddp", marks=pytest.mark.slow)])
 def test_ddp_split_graph_keeps_every_site_and_equals_one_process(tmp_path, order):
     """Tiny buckets make DDPOptimizer cut the graph between sites (and, before the rewrite, inside them)."""
     ranks = run_ranks(ddp_worker, tmp_path, order=order, bucket_mb=0.002, explain=order == "ddp-then-compile")
@@ -35,6 +35,7 @@ def test_ddp_one_bucket_is_one_piece(tmp_path):
         assert [len(p) for p in got["pieces"]] == [SITES]
 
 
+@pytest.mark.slow  # slow: keeps `make test` under 15 minutes cold (`make test-all` runs it)
 def test_ddp_without_rewrite_is_stock(tmp_path):
     """rewrite=False: DDPOptimizer splits the untouched graph as it would for any backend."""
     ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=0.002, options={"rewrite": False})
@@ -45,6 +46,7 @@ def test_ddp_without_rewrite_is_stock(tmp_path):
         assert len(got["pieces"]) > 1 and not any(got["pieces"])
 
 
+@pytest.mark.slow  # slow: keeps `make test` under 15 minutes cold (`make test-all` runs it)
 def test_stock_splitter_hides_cut_sites_and_says_so(tmp_path):
     """Why fxlora hooks DDPOptimizer: handed the pieces, it sees only the sites no boundary cut."""
     ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=0.002, hook=False)
@@ -55,6 +57,7 @@ def test_stock_splitter_hides_cut_sites_and_says_so(tmp_path):
         assert got["notes"] and all("bucket's piece" in n for n in got["notes"])
 
 
+@pytest.mark.slow  # slow: keeps `make test` under 15 minutes cold (`make test-all` runs it)
 @pytest.mark.parametrize("order", ["python-reducer", "no-optimization"])
 def test_unsplit_ddp_modes(tmp_path, order):
     """optimize_ddp="python_reducer" (compiled autograd traces fxlora's backward ops and DDP's
@@ -67,6 +70,7 @@ def test_unsplit_ddp_modes(tmp_path, order):
 
 
 @pytest.mark.inductor
+@pytest.mark.slow  # slow: keeps `make test` under 15 minutes cold (`make test-all` runs it)
 def test_ddp_split_graph_under_inductor(tmp_path):
     """The pieces of the rewritten graph compile with Inductor (rematerialize on) and stay exact."""
     ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=0.002, options={"inner": "inductor"})

@@ -15,7 +15,8 @@ WEIGHT_SHAPES = WEIGHTS | {shape[::-1] for shape in WEIGHTS}  # a transposed cop
 
 
 @pytest.mark.parametrize("form,inner", [
-    ("auto", "aot_eager"), ("merged", "aot_eager"), pytest.param("auto", "inductor", marks=pytest.mark.inductor),
+    ("auto", "aot_eager"), pytest.param("merged", "aot_eager", marks=pytest.mark.slow),
+    pytest.param("auto", "inductor", marks=[pytest.mark.inductor, pytest.mark.slow]),  # slow: `make test` under 15 min
 ])
 def test_fsdp2_step_equals_one_process_and_frees_weights(tmp_path, form, inner):
     """`merged` forces forward 2 / backward 4, which build W + s B A: it must be rebuilt, never kept."""

@@ -149,6 +149,7 @@ def _graphs(backend, config=None):
     return len(compiled_ids)
 
 
+@pytest.mark.slow  # slow: keeps `make test` under 15 minutes cold (`make test-all` runs it)
 def test_variable_length_loop_compiles_no_more_graphs_than_the_reference():
     """The loop that hit recompile_limit when every form switch was a guard: fxlora must compile
     the graphs the reference backend compiles (aot_eager here: Dynamo's guards are the same for
