@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fxlora.graph.read import (
@@ -322,6 +323,8 @@ def noop(ctx: _Ctx, n: fx.Node) -> bool:
     if src is None or out is None:
         return False
     if n.target in CAST_NAMES:
+        if is_traceable_wrapper_subclass(src):  # NF4Tensor.to(its own dtype) dequantises: not a noop
+            return False
         if set(n.kwargs) - {"dtype", "device"} or (src.dtype, src.device, src.shape) != (out.dtype, out.device, out.shape):
             return False
         return ctx.replace(n, n.args[0])
@@ -569,6 +572,17 @@ def _bnb_op(n: fx.Node) -> bool:
     return n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "bitsandbytes"
 
 
+def _subclass(n: Any) -> bool:
+    """A tensor subclass value (torchao's NF4Tensor): its `.to(float dtype)` is its dequantisation."""
+    return isinstance(n, fx.Node) and is_traceable_wrapper_subclass(value(n))
+
+
+def _dequantises(n: fx.Node) -> bool:
+    """A step that turns a quantised weight into a float one: a bitsandbytes op, or `.to(dtype)`
+    of a quantised tensor subclass (torchao's `NF4Tensor`, as torchtune's `linear_nf4` reads it)."""
+    return _bnb_op(n) or (n.op == "call_method" and n.target in CAST_NAMES and _subclass(n.args[0]))
+
+
 def _body(gm: fx.GraphModule, n: Any) -> Optional[fx.GraphModule]:
     if isinstance(n, fx.Node) and n.op == "get_attr":
         sub = getattr(gm, n.target, None)
@@ -597,7 +611,7 @@ def _bnb_weight_chain(bwd: fx.GraphModule) -> Optional[tuple[fx.Node, list, int]
             return None
         chain.append(n)
         stack.extend(n.all_input_nodes)
-    if not any(_bnb_op(n) for n in chain):
+    if not any(_dequantises(n) for n in chain):
         return None
     order = {n: k for k, n in enumerate(bwd.graph.nodes)}
     return w, sorted(chain, key=order.__getitem__), index
@@ -615,7 +629,8 @@ def _bnb_forward(fwd: fx.GraphModule, x_index: int) -> Optional[tuple[list, Opti
         return None
     if _bnb_op(y) and "gemm_4bit" in str(y.target) and y.args and y.args[0] is ph[x_index]:
         bias = y.kwargs.get("bias", y.args[6] if len(y.args) > 6 else None)
-    elif is_call(y, LINEAR_TARGETS) and y.args[0] is ph[x_index] and any(_bnb_op(n) for n in ancestors(y.args[1])):
+    elif is_call(y, LINEAR_TARGETS) and y.args[0] is ph[x_index] and any(
+            _dequantises(n) for n in ancestors(y.args[1]) if n.op != "placeholder"):
         bias = arg(y, 2, "bias")
     else:
         return None
@@ -642,13 +657,20 @@ def _copy_out(ctx: _Ctx, before: fx.Node, n: fx.Node, env: dict) -> fx.Node:
     return env[n]
 
 
-def bnb_4bit_linear(ctx: _Ctx, n: fx.Node) -> bool:
-    """bitsandbytes' `MatMul4Bit` (the base of PEFT's QLoRA layers) reaches the graph as an
-    autograd-function higher-order op: forward `x W'^T (+ b)` with W' the 4-bit weight dequantised
-    inside its kernel, backward `dY W'` after dequantising again. Spelled `linear(x, W', b)` with
+def linear_4bit(ctx: _Ctx, n: fx.Node) -> bool:
+    """A 4-bit base's autograd function reaches the graph as an autograd-function higher-order op:
+    bitsandbytes' `MatMul4Bit` (PEFT's QLoRA layers; forward `x W'^T (+ b)` with W' dequantised inside
+    its kernel, backward `dY W'` after dequantising again) or torchao's `linear_nf4` (torchtune's
+    QLoRA; `linear(x, W.to(dtype))` and `dY @ W.to(dtype)` on an `NF4Tensor`). Spelled `linear(x, W', b)` with
     W' computed in the graph from the frozen quantised tensors by backward's own dequantisation
     ops, marked to be recomputed in backward rather than kept (as bitsandbytes does: no
     full-precision weight is saved). Same values: bitsandbytes' forward is that product."""
+    if _dequantises(n) and not _bnb_op(n) and is_tensor_input(n.args[0]) and not n.meta.get("fxlora_dequantised"):
+        # where x needs no gradient Dynamo inlines `linear_nf4` as `linear(x, W.to(dtype))`: the cast is W'
+        n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        n.meta["fxlora_dequantised"] = True
+        n.meta["fxlora_rules"] = n.meta.get("fxlora_rules", set()) | {ctx.rule}
+        return True
     if _AUTOGRAD_APPLY is None or n.op != "call_function" or n.target is not _AUTOGRAD_APPLY or len(n.args) < 3:
         return False
     gm = ctx.graph.owning_module
@@ -731,8 +753,9 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("bnb_4bit_linear", "bitsandbytes' 4-bit `MatMul4Bit` (QLoRA's base, as an autograd-function op) is "
-         "`linear(x, W', b)`, W' dequantised in the graph and recomputed in backward, not kept", bnb_4bit_linear),
+    Rule("linear_4bit", "a 4-bit base's autograd function (bitsandbytes' `MatMul4Bit`, torchao's `linear_nf4`: "
+         "QLoRA's base) is `linear(x, W', b)`, W' dequantised in the graph and recomputed in backward, not kept",
+         linear_4bit),
     Rule("bnb_4bit_gemm", "bitsandbytes' fused `gemm_4bit` (its path when x needs no gradient) is "
          "`linear(x, W', b)`, W' dequantised in the graph", bnb_4bit_gemm),
     Rule("same_weight", "a trainable weight computed twice from the same parameters is computed once "

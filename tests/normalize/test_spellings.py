@@ -157,7 +157,7 @@ RULE_PAIRS = {
 }
 
 
-QUANT_RULES = ("bnb_4bit_linear", "bnb_4bit_gemm")  # need bitsandbytes: tests/kinds/lora/test_qlora.py
+QUANT_RULES = ("linear_4bit", "bnb_4bit_gemm")  # need bitsandbytes: tests/kinds/lora/test_qlora.py
 
 
 def test_every_rule_has_a_pair():

@@ -67,14 +67,17 @@ def test_pyreft_intervention_on_a_linear(kind):
     assert d.rewritten and d.chosen.form.name == "weight"
 
 
-def _torchtune_llama():
+def _torchtune_llama(quantize_base=False):
     llama2 = _import("torchtune.models.llama2")
     peft = _import("torchtune.modules.peft")
     torch.manual_seed(0)
+    # NF4 quantises in blocks of 64 with scalers in blocks of 256: every base weight a multiple of 16384
+    dims = (dict(vocab_size=128, num_heads=4, num_kv_heads=2, embed_dim=64) if not quantize_base
+            else dict(vocab_size=256, num_heads=4, num_kv_heads=4, embed_dim=128))
     model = llama2.lora_llama2(
         lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-        apply_lora_to_output=True, vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-        max_seq_len=64, lora_rank=4, lora_alpha=8,
+        apply_lora_to_output=not quantize_base, num_layers=2, max_seq_len=64, lora_rank=4, lora_alpha=8,
+        quantize_base=quantize_base, **dims,
     )
     peft.set_trainable_params(model, peft.get_adapter_params(model))
     with torch.no_grad():
@@ -101,6 +104,17 @@ def test_torchtune_lora_llama2_keeps_every_site():
     assert len(report.sites) == 15 and not report.rejections and not report.near_misses
     assert_same_step(loss_and_grads(model, tokens), _step(model, tokens), **FP32)
     assert sum(d.rewritten for d in fxlora.last_report().graphs[0].decisions) == 15
+
+
+def test_torchtune_qlora_llama2_keeps_every_site():
+    """torchtune's QLoRA (`quantize_base=True`: torchao NF4Tensor bases read through `linear_nf4`):
+    the `linear_4bit` rule spells each base `linear(x, W.to(float32))`; all 14 sites rewritten, exact."""
+    model = _TokensToLoss(_torchtune_llama(quantize_base=True))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    report = fxlora.explain(model, tokens)
+    assert len(report.sites) == 14 and not report.rejections, str(report)
+    assert_same_step(loss_and_grads(model, tokens), _step(model, tokens), **FP32)
+    assert sum(d.rewritten for d in fxlora.last_report().graphs[0].decisions) == 14
 
 
 class _Zoo(nn.Module):

@@ -97,7 +97,7 @@ def _linear4bit(bias: bool):
     return layer.train()
 
 
-@pytest.mark.parametrize("x_grad, rule", [(True, "bnb_4bit_linear"), (False, "bnb_4bit_gemm")])
+@pytest.mark.parametrize("x_grad, rule", [(True, "linear_4bit"), (False, "bnb_4bit_gemm")])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bnb_rules_spell_the_base_as_a_linear_and_keep_values(x_grad, rule, bias):
     layer = _linear4bit(bias)
