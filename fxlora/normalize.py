@@ -590,9 +590,10 @@ def _body(gm: fx.GraphModule, n: Any) -> Optional[fx.GraphModule]:
     return None
 
 
-def _bnb_weight_chain(bwd: fx.GraphModule) -> Optional[tuple[fx.Node, list, int]]:
+def _dequantised_weight_chain(bwd: fx.GraphModule) -> Optional[tuple[fx.Node, list, int]]:
     """(W', its nodes in order, the operand index dX goes to) when `bwd` returns one gradient,
-    `dY @ W'`, and W' is computed from saved values by bitsandbytes dequantisation (and casts) alone."""
+    `dY @ W'`, and W' is computed from saved values by dequantisation (bitsandbytes ops, an
+    NF4Tensor's cast) and casts alone."""
     ph = [n for n in bwd.graph.nodes if n.op == "placeholder"]
     out = next(n for n in bwd.graph.nodes if n.op == "output").args[0]
     grads = [(k, g) for k, g in enumerate(out) if g is not None]
@@ -617,9 +618,10 @@ def _bnb_weight_chain(bwd: fx.GraphModule) -> Optional[tuple[fx.Node, list, int]
     return w, sorted(chain, key=order.__getitem__), index
 
 
-def _bnb_forward(fwd: fx.GraphModule, x_index: int) -> Optional[tuple[list, Optional[fx.Node]]]:
-    """(the saved values as forward placeholders, the bias placeholder or None) when `fwd` returns
-    bitsandbytes' 4-bit product of operand `x_index` (CPU: `gemm_4bit`; CUDA: linear over a dequantised W)."""
+def _quantised_forward(fwd: fx.GraphModule, x_index: int) -> Optional[tuple[list, Optional[fx.Node]]]:
+    """(the saved values, the bias or None: forward-body nodes) when `fwd` returns the 4-bit product
+    of operand `x_index`: bitsandbytes' `gemm_4bit` (CPU), or a linear over a dequantised W (bitsandbytes
+    on CUDA, torchao's `linear_nf4`)."""
     ph = [n for n in fwd.graph.nodes if n.op == "placeholder"]
     out = next(n for n in fwd.graph.nodes if n.op == "output").args[0]
     if not (isinstance(out, tuple) and len(out) == 2 and len(out[0]) == 1) or x_index >= len(ph):
@@ -664,7 +666,8 @@ def linear_4bit(ctx: _Ctx, n: fx.Node) -> bool:
     QLoRA; `linear(x, W.to(dtype))` and `dY @ W.to(dtype)` on an `NF4Tensor`). Spelled `linear(x, W', b)` with
     W' computed in the graph from the frozen quantised tensors by backward's own dequantisation
     ops, marked to be recomputed in backward rather than kept (as bitsandbytes does: no
-    full-precision weight is saved). Same values: bitsandbytes' forward is that product."""
+    full-precision weight is saved). Same values: the function's forward is that product, and its
+    backward `dY W'` is the linear's."""
     if _dequantises(n) and not _bnb_op(n) and is_tensor_input(n.args[0]) and not n.meta.get("fxlora_dequantised"):
         # where x needs no gradient Dynamo inlines `linear_nf4` as `linear(x, W.to(dtype))`: the cast is W'
         n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
@@ -677,11 +680,11 @@ def linear_4bit(ctx: _Ctx, n: fx.Node) -> bool:
     fwd, bwd = _body(gm, n.args[0]), _body(gm, n.args[1])
     if fwd is None or bwd is None:
         return False
-    found = _bnb_weight_chain(bwd)
+    found = _dequantised_weight_chain(bwd)
     if found is None:
         return False
     w, chain, x_index = found
-    fwd_found = _bnb_forward(fwd, x_index)
+    fwd_found = _quantised_forward(fwd, x_index)
     if fwd_found is None:
         return False
     saved, bias = fwd_found
