@@ -14,6 +14,7 @@ from typing import Optional
 import click
 
 from fxlora.config import json_object
+from fxlora.cost import timing
 from fxlora.testing.models import FAMILIES
 
 
@@ -123,6 +124,27 @@ def bench(bench_args) -> None:
     from fxlora.bench.__main__ import main as bench_main
 
     sys.exit(bench_main(["--help"] if "-h" in bench_args else list(bench_args)))
+
+
+@main.command()
+@click.option("--show", is_flag=True, help="list every cached form time, its spread, per device (the default)")
+@click.option("--clear", is_flag=True, help="forget them: the next compile of each shape measures again")
+def timings(show, clear) -> None:
+    """The form times objective="time" measured and cached (FXLORA_CACHE_DIR, default ~/.cache/fxlora)."""
+    path = timing.cache_path()
+    if clear:
+        click.echo(f"cleared {path}" if timing.clear(path) else f"nothing cached at {path}")
+        return
+    figures = timing.cached(path)
+    if not figures:
+        click.echo(f"nothing cached at {path}")
+        return
+    click.echo(f"{path}:")
+    for device, entries in figures.items():
+        click.echo(f"  {device}: {len(entries)} form times")
+        for key, (seconds, spread) in sorted(entries.items()):
+            noise = "spread -" if spread is None else f"spread {spread:.0%}"
+            click.echo(f"    {seconds * 1e3:9.3f} ms  {noise:>10}  {key}")
 
 
 if __name__ == "__main__":

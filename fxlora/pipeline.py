@@ -178,10 +178,11 @@ def _timed(kind: Kind, site, shape, priced: list[PricedForm], decide: SizeDecide
     device = value(site.nodes.x).device
     timer = timings.get(device) or timings.setdefault(device, Timings(device))
     try:
-        seconds = dict(zip(cases, timer.seconds(list(cases.values()))))
+        figures = dict(zip(cases, timer.figures(list(cases.values()))))
     except Exception:  # noqa: BLE001 - a form that cannot run here is simply not timed
         return priced
-    return [dataclasses.replace(p, seconds=seconds.get(p.form.name)) for p in priced]
+    return [dataclasses.replace(p, seconds=figures[p.form.name][0], spread=figures[p.form.name][1])
+            if p.form.name in figures else p for p in priced]
 
 
 def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: bool, timings: dict) -> Decision:

@@ -6,13 +6,16 @@ So each candidate form's op is run, forward and backward, on random tensors of t
 size (at the size hints), on the device the graph runs on: all cases built and warmed
 first, then a few rounds of one call each in rotated order, median per case (the method of
 the benchmark, docs/results.md). Figures are cached on disk per device and torch version,
-as Inductor's autotuning caches its choices, so only the first compile of a shape measures.
+as Inductor's autotuning caches its choices, so only the first compile of a shape measures;
+each figure keeps the spread of its rounds, so a later choice can tell a real margin from noise
+(`fxlora timings --show` lists them, `--clear` forgets them).
 
 Imports nothing from fxlora.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -80,12 +83,17 @@ class Timings:
 
     def seconds(self, cases: Sequence[TimingCase]) -> list[float]:
         """Seconds per call of each case; uncached cases are measured together, then cached."""
+        return [median for median, _ in self.figures(cases)]
+
+    def figures(self, cases: Sequence[TimingCase]) -> list[tuple[float, Optional[float]]]:
+        """(seconds per call, spread) of each case: the spread is (slowest - fastest round) / median,
+        measured alongside (None for a figure cached before spreads were kept)."""
         missing = list({c.key: c for c in cases if c.key not in self._figures}.values())
         if missing:
             self._figures.update(self._measure(missing))
             self.measured += len(missing)
             self._store()
-        return [self._figures[c.key] for c in cases]
+        return [_figure(self._figures[c.key]) for c in cases]
 
     def _measure(self, cases: Sequence[TimingCase]) -> dict[str, float]:
         # Plain eager, whatever the caller runs under: no fake tensors, the caller's RNG stream
@@ -110,21 +118,50 @@ class Timings:
                     calls[k]()
                     self._sync()
                     times[k].append(time.perf_counter() - start)
-        return {c.key: statistics.median(t) for c, t in zip(cases, times)}
+        return {c.key: {"s": statistics.median(t), "spread": (max(t) - min(t)) / statistics.median(t)}
+                for c, t in zip(cases, times)}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _store(self) -> None:
-        """Merge into the file (other processes may have written other keys), atomically."""
-        data = self._load()
-        data.setdefault(self.key, {}).update(self._figures)
+        """Merge into the file under an exclusive lock (another process timing at once waits, and
+        its keys are kept), written to a temporary file and renamed: readers never see half a file."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                data = self._load()
+                data.setdefault(self.key, {}).update(self._figures)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings.")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=0, sort_keys=True)
+                os.replace(tmp, self.path)
         except OSError:
             pass  # a read-only home: figures stay in memory for this compile
+
+
+def _figure(entry) -> tuple[float, Optional[float]]:
+    if isinstance(entry, dict):
+        return float(entry["s"]), entry.get("spread")
+    return float(entry), None  # a cache written before spreads were kept
+
+
+def cached(path: Optional[Path] = None) -> dict[str, dict[str, tuple[float, Optional[float]]]]:
+    """Every cached figure: device key -> case key -> (seconds, spread), for `fxlora timings --show`."""
+    try:
+        data = json.loads((path or cache_path()).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {device: {key: _figure(v) for key, v in figures.items()} for device, figures in data.items()}
+
+
+def clear(path: Optional[Path] = None) -> bool:
+    """Forget every cached figure (the next compile of each shape measures again); False if there were none."""
+    path = path or cache_path()
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
