@@ -138,8 +138,9 @@ def choose_form(
         margin = 1 - fastest.seconds / modelled.seconds
         noise = max(fastest.spread or 0.0, modelled.spread or 0.0)
         if margin <= noise:
-            return modelled, note + (f"the cost model's choice: the fastest measured, {fastest.form.name}, is "
-                                     f"{margin:.0%} faster, within noise ({noise:.0%} spread)")
+            timed_how = "forward twice + backward" if saved_budget is None else "forward+backward"
+            return modelled, note + (f"the cost model's choice: the fastest measured ({timed_how}), {fastest.form.name}, "
+                                     f"is {margin:.0%} faster, within noise ({noise:.0%} spread)")
         return fastest, note + f"{why}, {margin:.0%} faster than the cost model's {modelled.form.name} ({noise:.0%} spread)"
     if objective == "time":
         note += "no measured time for this kind: "

@@ -63,7 +63,9 @@ def test_forms_in_regions_are_chosen_by_time_with_the_forward_twice():
     assert decisions and all(d.rewritten for d in decisions)
     for d in decisions:
         timed = [c for c in d.candidates if c.seconds is not None]
-        assert timed and d.chosen.seconds == min(c.seconds for c in timed), d
+        # the fastest, unless its margin over the cost model's choice (fewest FLOPs) is within the noise
+        fastest = min(c.seconds for c in timed) if timed else None
+        assert timed and (d.chosen.seconds == fastest or "within noise" in d.reason), d
         assert "forward twice" in d.reason and d.chosen.form.name.endswith("+traced-mask")
 
 
