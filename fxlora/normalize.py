@@ -670,8 +670,7 @@ def linear_4bit(ctx: _Ctx, n: fx.Node) -> bool:
     backward `dY W'` is the linear's."""
     if _dequantises(n) and not _bnb_op(n) and is_tensor_input(n.args[0]) and not n.meta.get("fxlora_dequantised"):
         # where x needs no gradient Dynamo inlines `linear_nf4` as `linear(x, W.to(dtype))`: the cast is W'
-        n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-        n.meta["fxlora_dequantised"] = True
+        _dequantised(n)
         n.meta["fxlora_rules"] = n.meta.get("fxlora_rules", set()) | {ctx.rule}
         return True
     if _AUTOGRAD_APPLY is None or n.op != "call_function" or n.target is not _AUTOGRAD_APPLY or len(n.args) < 3:
@@ -700,9 +699,7 @@ def linear_4bit(ctx: _Ctx, n: fx.Node) -> bool:
     x = operands[x_index]
     for m in chain:  # backward's dequantisation, copied out before the op
         args, kwargs = fx.node.map_arg((m.args, m.kwargs), env.__getitem__)
-        env[m] = ctx.emit(n, m.op, m.target, args, kwargs, grad=False)
-        env[m].meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE  # backward dequantises again: nothing full-size kept
-        env[m].meta["fxlora_dequantised"] = True  # a later rule may drop the final cast: every step is the weight
+        env[m] = _dequantised(ctx.emit(n, m.op, m.target, args, kwargs, grad=False))
     bias = None if bias is None else _copy_out(ctx, n, bias, fwd_env)
     lin = _dequantised_linear(ctx, n, x, env[w], bias, getitems[0])
     for u in getitems:
@@ -712,13 +709,21 @@ def linear_4bit(ctx: _Ctx, n: fx.Node) -> bool:
     return True
 
 
+def _dequantised(n: fx.Node) -> fx.Node:
+    """Mark a step of a weight's dequantisation: recomputed in backward rather than kept (Inductor's
+    partitioner honours the tag selective checkpointing uses: nothing full-size is saved), and a frozen
+    weight the matchers read though it is no graph input (graph.read.is_frozen_weight). Every step
+    is marked, since a later rule may drop the final cast."""
+    n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    n.meta["fxlora_dequantised"] = True
+    return n
+
+
 def _dequantised_linear(ctx: _Ctx, before: fx.Node, x: fx.Node, weight: fx.Node, bias: Any, like: fx.Node) -> fx.Node:
     if _t(weight) is None or _t(x) is None:
         raise _Skip("no fake value")
     if _t(weight).dtype != _t(x).dtype:
-        weight = ctx.emit(before, "call_method", "to", (weight, _t(x).dtype), grad=False)
-        weight.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-    weight.meta["fxlora_dequantised"] = True  # a frozen weight, though not a graph input (graph.read.is_frozen_weight)
+        weight = _dequantised(ctx.emit(before, "call_method", "to", (weight, _t(x).dtype), grad=False))
     return ctx.emit(before, "call_function", LINEAR, (x, weight, bias), like=like)
 
 
@@ -740,11 +745,9 @@ def bnb_4bit_gemm(ctx: _Ctx, n: fx.Node) -> bool:
                           (a["absmax_8bit"], a["absmax"], code, 256, torch.float32), grad=False)
         absmax = ctx.emit(n, "call_function", operator.add, (absmax, a["absmax_offset"]), grad=False)
         for m in (code, absmax.args[0], absmax):
-            m.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-    weight = ctx.emit(n, "call_function", ops.dequantize_4bit.default,
-                      (a["B"], absmax, a["blocksize"], a["quant_type"], a["shapeB"], torch.float32), grad=False)
-    weight.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-    weight.meta["fxlora_dequantised"] = True
+            _dequantised(m)
+    weight = _dequantised(ctx.emit(n, "call_function", ops.dequantize_4bit.default,
+                                   (a["B"], absmax, a["blocksize"], a["quant_type"], a["shapeB"], torch.float32), grad=False))
     return ctx.replace(n, _dequantised_linear(ctx, n, a["A"], weight, a["bias"], n))
 
 

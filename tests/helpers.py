@@ -44,3 +44,17 @@ def assert_same_step(ref, got, rtol=1e-5, atol=1e-6):
     assert g_ref, "no trainable parameters: the comparison would prove nothing"
     for name in g_ref:
         torch.testing.assert_close(g_got[name], g_ref[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def dynamo_graph(model, *args):
+    """The one Dynamo graph of `model(*args)` and the inputs it was called with (run eagerly)."""
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture)(*args)
+    (gm, inputs), = seen
+    return gm, inputs

@@ -17,7 +17,7 @@ import fxlora
 from fxlora.bench.results import Measurement
 from fxlora.bench.spec import FA_PEERS, FLOOR, NOISE, PEERS, VELORA_BENCH, Case, Settings
 from fxlora.reft import attach_reft
-from fxlora.testing.models import tiny_model, token_batch, with_ia3, with_lora, with_vera
+from fxlora.testing.models import quantized_4bit, tiny_model, token_batch, with_ia3, with_lora, with_vera
 
 
 @dataclass
@@ -70,7 +70,7 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
         vocab=s.vocab, max_positions=max(4096, case.seq), seed=settings.seed,
     )
     if settings.quant:
-        model = quantized(model, settings.quant)
+        model = quantized_4bit(model, settings.quant)
     if name == FLOOR:
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # something must need grad for backward to run
@@ -86,20 +86,6 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(settings.device).train()
-
-
-def quantized(model: nn.Module, quant: str) -> nn.Module:
-    """`model` saved and reloaded with a 4-bit BitsAndBytesConfig, as a QLoRA user loads a hub model
-    (random init, nothing downloaded)."""
-    import tempfile
-
-    from transformers import BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as path:
-        model.save_pretrained(path)
-        return type(model).from_pretrained(path, quantization_config=config, dtype=torch.float32)
 
 
 def _build_dit(name: str, case: Case, settings: Settings) -> nn.Module:

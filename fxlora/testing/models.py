@@ -5,6 +5,7 @@ Shared by the demo, the tests and the benchmark so they all talk about the same 
 
 from __future__ import annotations
 
+import tempfile
 from typing import Optional, Sequence, Union
 
 import torch
@@ -152,6 +153,19 @@ class HandLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scale * self.up(self.down(self.drop(x)))
+
+
+def quantized_4bit(model: nn.Module, quant: str = "nf4", double_quant: bool = True) -> nn.Module:
+    """A Hugging Face `model` saved and reloaded 4-bit with bitsandbytes' BitsAndBytesConfig (fp32
+    compute), as a QLoRA user loads a hub checkpoint: random init, nothing downloaded. In train mode:
+    `from_pretrained` returns eval mode, where bitsandbytes repacks 4-bit weights for CPU inference."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        return type(model).from_pretrained(path, quantization_config=config, dtype=torch.float32).train()
 
 
 def token_batch(batch: int, seq: int, vocab: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:

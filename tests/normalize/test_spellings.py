@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 import fxlora
 from fxlora.graph.edit import copy_graph_module
 from fxlora.normalize import RULES, normalize
-from tests.helpers import assert_same_step, loss_and_grads
+from tests.helpers import assert_same_step, dynamo_graph, loss_and_grads
 from tests.normalize.spellings import (
     D_IN, D_OUT, LORA_SPELLINGS, R, S, HandLoreft, LoraSpelling, PyreftStyleLoreft, WeightSide, lora_spelling,
     minlora_model,
@@ -37,16 +37,7 @@ def _compiled_step(model, x, **options):
 
 def _trace(model, x) -> tuple[fx.GraphModule, list]:
     """The Dynamo graph of model(x) and the inputs it was called with."""
-    seen = []
-
-    def capture(gm, example_inputs):
-        seen.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=capture)(x)
-    (gm, inputs), = seen
-    return gm, inputs
+    return dynamo_graph(model, x)
 
 
 def _normalized(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:

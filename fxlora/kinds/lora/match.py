@@ -21,8 +21,6 @@ import torch.nn.functional as F
 
 from fxlora.graph.prove import NotASite, Rejection, check_base
 from fxlora.graph.read import (
-    is_float_cast,
-    quantized_ops,
     ADD_TARGETS,
     ADDMM_TARGETS,
     DROPOUT_TARGETS,
@@ -31,9 +29,11 @@ from fxlora.graph.read import (
     arg,
     autocast_state,
     is_call,
+    is_float_cast,
     is_tensor_input,
     linear_layer,
     module_path,
+    quantized_ops,
     requires_grad,
     strip_casts,
     value,
@@ -58,7 +58,7 @@ class LoraNodes:
     scaled: Optional[fx.Node]  # xab * s (None when s == 1 is implicit)
     scale: Union[float, fx.Node]
     add: fx.Node  # base + scaled: the site's output
-    output_cast: Optional[fx.Node] = None  # B(A(x)).to(base dtype) before the scale (PEFT's 4-bit layers)
+    output_cast: Optional[fx.Node] = None  # B(A(x)) cast back to the base's dtype, before or after s (PEFT's 4-bit layers)
 
 
 @dataclass
@@ -252,18 +252,18 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
     # Output side: optional scale, then the add onto the base layer's output.
     scale: Union[float, fx.Node] = 1.0
     scaled = None
+    branch = xab  # the node the add reads: B(A(x)), scaled and/or cast back
     out = _only_user(xab, "B(A(x))")
     output_cast = None
     if is_float_cast(out):  # PEFT's bnb layers: B(A(x)) in the adapter's dtype, cast back before the scale
-        output_cast = out
+        output_cast = branch = out
         out = _only_user(output_cast, "B(A(x)) cast back")
-    unscaled = output_cast if output_cast is not None else xab
     if is_call(out, MUL_TARGETS):
-        scaled = out
-        scale = _scalar_operand(out, unscaled)
+        scale = _scalar_operand(out, branch)
+        scaled = branch = out
         out = _only_user(scaled, "s * B(A(x))")
     if output_cast is None and is_float_cast(out):  # or after the scale (peft 0.21's bnb layers)
-        output_cast = out
+        output_cast = branch = out
         out = _only_user(output_cast, "s * B(A(x)) cast back")
     if not is_call(out, ADD_TARGETS) or len(out.args) != 2 or out.kwargs:
         raise NotASite(
@@ -271,7 +271,6 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
             "(DoRA's magnitude scaling and other variants look like this)"
         )
     add = out
-    branch = next(n for n in (output_cast, scaled, unscaled) if n is not None and add_reads(out, n))
     base = add.args[1] if add.args[0] is branch else add.args[0]
 
     root, stacked = base, 0
@@ -303,10 +302,6 @@ def _prove_site(xab: fx.Node, branch_outputs: dict) -> tuple[LoraNodes, str, int
         scaled=scaled, scale=scale, add=add, output_cast=output_cast,
     )
     return nodes, base_kind, stacked
-
-
-def add_reads(add: fx.Node, n: fx.Node) -> bool:
-    return isinstance(add, fx.Node) and n in add.args
 
 
 def _scalar_operand(mul: fx.Node, xab: fx.Node) -> Union[float, fx.Node]:

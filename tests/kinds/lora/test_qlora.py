@@ -15,7 +15,8 @@ import torch.nn as nn
 import fxlora
 from fxlora.normalize import normalize
 from fxlora.graph.edit import copy_graph_module
-from tests.helpers import FP32, assert_same_step, compiled, step
+from tests.helpers import FP32, assert_same_step, compiled, dynamo_graph, step
+from fxlora.testing.models import quantized_4bit
 from tests.kinds.saved import saved_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -25,32 +26,21 @@ peft = pytest.importorskip("peft")
 HOP = torch.ops.higher_order.autograd_function_apply
 
 
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory):
-    """A random-init one-layer Llama on disk: loaded with BitsAndBytesConfig as a user loads a hub model."""
+def qlora(quant_type="nf4", double_quant=True, dropout=0.0):
+    """A random-init one-layer Llama loaded 4-bit as from a hub checkpoint, PEFT LoRA on all linears."""
+    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, vocab_size=128)
-    path = tmp_path_factory.mktemp("llama4bit")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
-def qlora(path, quant_type="nf4", double_quant=True, dropout=0.0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-                           bnb_4bit_compute_dtype=torch.float32)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32)
+    model = quantized_4bit(LlamaForCausalLM(cfg), quant_type, double_quant)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at 0: a zero adapter would hide a wrong dA
             nn.init.normal_(p, std=0.1)
-    return model.train()  # from_pretrained returns eval mode, where bitsandbytes repacks 4-bit weights for inference
+    return model.train()
 
 
 def batch():
@@ -61,8 +51,8 @@ def batch():
 @pytest.mark.parametrize("quant_type, double_quant, dropout", [
     ("nf4", True, 0.0), ("fp4", False, 0.0), ("nf4", False, 0.1),
 ])
-def test_qlora_sites_rewritten_and_exact(saved_llama, quant_type, double_quant, dropout):
-    model = qlora(saved_llama, quant_type, double_quant, dropout)
+def test_qlora_sites_rewritten_and_exact(quant_type, double_quant, dropout):
+    model = qlora(quant_type, double_quant, dropout)
     ref = step(model, batch())
     fxlora.clear_reports()
     got = step(compiled(model), batch())
@@ -71,10 +61,10 @@ def test_qlora_sites_rewritten_and_exact(saved_llama, quant_type, double_quant, 
     assert len(decisions) == 7 and all(d.rewritten for d in decisions), [d.why for d in decisions]
 
 
-def test_bf16_adapters_over_fp32_compute(saved_llama):
+def test_bf16_adapters_over_fp32_compute():
     """TRL casts QLoRA's adapters to bf16 (the QLoRA paper's recipe): PEFT then computes B(A(x)) in
     bf16 and casts `s * B(A(x))` back to the base's fp32 before adding; the cast is part of the site."""
-    model = qlora(saved_llama)
+    model = qlora()
     for name, p in model.named_parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
@@ -102,15 +92,7 @@ def _linear4bit(bias: bool):
 def test_bnb_rules_spell_the_base_as_a_linear_and_keep_values(x_grad, rule, bias):
     layer = _linear4bit(bias)
     x = torch.randn(2, 5, 64, requires_grad=x_grad)
-    seen = []
-
-    def capture(gm, example_inputs):
-        seen.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(layer, backend=capture)(x)
-    (gm, inputs), = seen
+    gm, inputs = dynamo_graph(layer, x)
     normed = copy_graph_module(gm)
     fired = normalize(normed)
     assert fired.get(rule) == 1, fired
@@ -132,10 +114,8 @@ def test_clone_read_elsewhere_is_kept():
             y = self.base(x)
             return y.clone() + y
 
-    seen = []
-    torch._dynamo.reset()
-    torch.compile(TwoReaders(), backend=lambda gm, _: seen.append(gm) or gm.forward)(torch.randn(2, 8))
-    normed = copy_graph_module(seen[0])
+    gm, _ = dynamo_graph(TwoReaders(), torch.randn(2, 8))
+    normed = copy_graph_module(gm)
     normalize(normed)
     assert any(n.target == "clone" for n in normed.graph.nodes)
 
@@ -185,10 +165,10 @@ def test_qlora_under_inductor_keeps_no_full_precision_weight():
     assert fxlora.last_report().graphs[0].decisions and all(d.rewritten for d in fxlora.last_report().decisions_of("lora"))
 
 
-def test_packed_cpu_weight_is_named(saved_llama):
+def test_packed_cpu_weight_is_named():
     """A model run once in eval mode without gradients has its 4-bit weights repacked for CPU
     inference (bitsandbytes' `gemv_4bit` layout): not read, and explain says what to do."""
-    model = qlora(saved_llama).eval()
+    model = qlora().eval()
     with torch.no_grad():
         model(**batch())
     model.train()
