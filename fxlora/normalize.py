@@ -561,6 +561,27 @@ def _low_rank_product(S: fx.Node) -> Optional[tuple[fx.Node, fx.Node, list]]:
     return A, B, scales
 
 
+def identity_product(ctx: _Ctx, n: fx.Node) -> bool:
+    # `B(A(eye(i))).T`: PEFT's and torchtune's DoRA build B A by pushing an identity through the adapter
+    if not (_is_t(n) and is_call(n.args[0], LINEAR_TARGETS)):
+        return False
+    outer = n.args[0]
+    q = _plain_linear(outer)
+    if q is None or len(outer.users) != 1 or not is_call(q[0], LINEAR_TARGETS):
+        return False
+    inner = q[0]
+    p = _plain_linear(inner)
+    if p is None or len(inner.users) != 1:
+        return False
+    eye, A = p
+    B = q[1]
+    if not (is_call(eye, (torch.eye,)) and len(eye.users) == 1 and is_tensor_input(A) and is_tensor_input(B)
+            and _low_rank(A, B) and len(eye.args) == 1 and value(A).shape[1] == eye.args[0]):
+        return False
+    At = ctx.emit(n, "call_method", "t", (A,))
+    return ctx.replace(n, ctx.emit(n, "call_function", LINEAR, (B, At), like=n))
+
+
 # --- a 4-bit base: bitsandbytes' autograd function as linear(x, dequant(Wq), b) -----------------
 
 _AUTOGRAD_APPLY = getattr(torch.ops.higher_order, "autograd_function_apply", None)
@@ -781,6 +802,8 @@ RULES: tuple[Rule, ...] = (
     Rule("scale_out_of_linear", "`linear(y * s, W)` inside a low-rank chain is `linear(y, W) * s` "
          "(a scale on x or between A and B moves after B)", scale_out_of_linear),
     Rule("merge_scales", "`(y * s1) * s2` after a low-rank chain is `y * (s1 * s2)`", merge_scales),
+    Rule("identity_product", "`B(A(eye(i))).T` (PEFT's and torchtune's DoRA) is `B @ A`, spelled `linear(B, t(A))`",
+         identity_product),
     Rule("weight_side_lora", "`linear(x, W + s * B @ A, b)` (minLoRA's parametrization) is "
          "`linear(x, W, b) + linear(linear(x, A), B) * s`", weight_side_lora),
 )

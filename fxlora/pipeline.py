@@ -147,7 +147,8 @@ def rewrite_regions(gm: fx.GraphModule, config: Config) -> list[RegionReport]:
 
 def _claim(kind: Kind, match: Match, owner: dict[fx.Node, str]) -> Match:
     """Sites whose nodes an earlier kind's site claims become Rejections naming that site."""
-    sites, rejections = [], list(match.rejections)
+    claimed = {n.name for n in owner}  # a look-alike inside an earlier kind's site is that site (DoRA's B(A(u)))
+    sites, rejections = [], [r for r in match.rejections if r.node not in claimed]
     for site in match.sites:
         nodes = [n for n in kind.owned(site) if isinstance(n, fx.Node)]
         taken = next((n for n in nodes if n in owner), None)

@@ -18,6 +18,20 @@ region's nodes, and replays its RNG state), so what backward computes never depe
 skipped Python effect. What differs from eager checkpointing: a Python effect (a counter, a list
 append, an attribute set) happens once per step, as it would without checkpointing, not twice.
 The kernels context variable is set and restored around each call, so both give the same state.
+
+A torch class's name. PEFT's DoRA layers read `type(module.weight).__module__.startswith(...)`
+(peft.utils.integrations.dequantize_module_weight, to spot a torchao weight) on every forward;
+Dynamo 2.13 cannot call `startswith` on a torch class's `__module__` and graph-breaks twice in
+every DoRA layer, so no DoRA site reached a backend whole. For fxlora's compiles a torch class's
+`__module__` / `__name__` / `__qualname__` read as constants (the class itself is guarded by
+identity, so the strings cannot change under the guard).
+
+A Parameter built inside forward. PEFT's `transpose(weight, fan_in_fan_out)` (GPT-2's Conv1D
+under DoRA) returns `nn.Parameter(weight.T)`, which Dynamo cannot construct in a graph: it
+graph-breaks in every such layer. For fxlora's compiles, a Parameter wrapped around a tensor that
+needs no gradient (a frozen weight's view) is traced as that tensor. What differs from eager: the
+temporary Parameter would receive a gradient nobody can read (it is dropped when forward
+returns); every gradient that reaches the model's parameters is the same.
 """
 
 from __future__ import annotations
@@ -90,6 +104,63 @@ def install_checkpoint_side_effects() -> bool:
 
     setattr(_call_function, FXLORA_MARK, True)
     CheckpointHigherOrderVariable._call_function = _call_function
+    return True
+
+
+CLASS_NAMES = ("__module__", "__name__", "__qualname__")
+
+
+def install_class_name_constants() -> bool:
+    """Let fxlora's compiles read a torch class's module and name as constants (idempotent).
+    False when this torch has no such hook (PEFT's DoRA layers then graph-break; the report names it)."""
+    try:
+        from torch._dynamo.variables import ConstantVariable
+        from torch._dynamo.variables.builtin import GetAttrBuiltinVariable
+        from torch._dynamo.variables.torch import BaseTorchVariable
+    except ImportError:
+        return False
+    original = getattr(GetAttrBuiltinVariable, "_call_getattr", None)
+    if original is None:
+        return False
+    if getattr(original, FXLORA_MARK, False):
+        return True
+
+    @functools.wraps(original)
+    def _call_getattr(self, tx, args, kwargs):
+        if len(args) == 2 and isinstance(args[0], BaseTorchVariable) and isinstance(args[0].value, type):
+            name = args[1].as_python_constant() if args[1].is_python_constant() else None
+            if name in CLASS_NAMES and fxlora_options(_compiler_fn(tx))[0]:
+                return ConstantVariable.create(getattr(args[0].value, name))
+        return original(self, tx, args, kwargs)
+
+    setattr(_call_getattr, FXLORA_MARK, True)
+    GetAttrBuiltinVariable._call_getattr = _call_getattr
+    return True
+
+
+def install_forward_parameters() -> bool:
+    """Let fxlora's compiles trace `nn.Parameter(frozen tensor)` inside forward as the tensor (idempotent)."""
+    try:
+        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+    except ImportError:
+        return False
+    original = getattr(TorchInGraphFunctionVariable, "call_nn_parameter", None)
+    if original is None:
+        return False
+    if getattr(original, FXLORA_MARK, False):
+        return True
+    wrapped = original.__func__
+
+    @functools.wraps(wrapped)
+    def call_nn_parameter(cls, tx, data=None, requires_grad=True):
+        if data is not None and data.is_tensor() and not data.source and fxlora_options(_compiler_fn(tx))[0]:
+            fake = data.as_proxy().node.meta.get("example_value")
+            if fake is not None and not fake.requires_grad:
+                return data
+        return wrapped(cls, tx, data, requires_grad)
+
+    setattr(call_nn_parameter, FXLORA_MARK, True)
+    TorchInGraphFunctionVariable.call_nn_parameter = classmethod(call_nn_parameter)
     return True
 
 

@@ -4,7 +4,7 @@ Adding a kind: a package beside these that builds its `KIND` (fxlora/kinds/READM
 entry here, its op in fxlora/ops/, and its tests.
 """
 
-from fxlora.kinds import ia3, lora, reft, vera
+from fxlora.kinds import dora, ia3, lora, reft, vera
 from fxlora.kinds.base import Kind
 
-KINDS: tuple[Kind, ...] = (lora.KIND, ia3.KIND, vera.KIND, reft.KIND)
+KINDS: tuple[Kind, ...] = (dora.KIND, lora.KIND, ia3.KIND, vera.KIND, reft.KIND)

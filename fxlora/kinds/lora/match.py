@@ -319,7 +319,7 @@ def _scalar_operand(mul: fx.Node, xab: fx.Node) -> Union[float, fx.Node]:
         return s
     shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(s).__name__
     per_output = isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[-1] == value(xab).shape[-1] and v.numel() == v.shape[-1]
-    hint = " (a per-output vector: DoRA's magnitude / ||W + s BA|| looks like this; DoRA is not rewritten yet)" if per_output else ""
+    hint = " (a per-output vector: DoRA's magnitude / ||W + s BA|| looks like this, in a spelling the DoRA kind did not match)" if per_output else ""
     raise NotASite(f"B(A(x)) is multiplied by {shape}, not by a scalar scale{hint}")
 
 
