@@ -33,6 +33,7 @@ from fxlora.bench.run import TqdmProgress, run_sweep
 from fxlora.bench.spec import (
     ADAPTERS,
     ALL_CONTESTANTS,
+    LORA_REFERENCE,
     CONTESTANTS,
     DTYPES,
     INNERS,
@@ -68,7 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     sweep = p.add_argument_group("sweep (defaults: the full sweep, or the tiny one with --quick)")
     sweep.add_argument("--adapter", choices=ADAPTERS, default="lora",
-                       help="adapter kind: lora, ia3 (PEFT default targets, --ranks ignored), vera, reft (LoReFT on o_proj/down_proj) [lora]")
+                       help="adapter kind: lora, ia3 (PEFT default targets, --ranks ignored), vera, reft (LoReFT on o_proj/down_proj), "
+                            f"dora (PEFT use_dora=True; adds {LORA_REFERENCE}, fxlora with plain LoRA, as the reference) [lora]")
     sweep.add_argument("--quick", action="store_true", help="tiny sanity sweep: 2-layer hidden-128 model, seq 64/256, rank 8")
     sweep.add_argument("--seqs", type=_ints, help=f"comma-separated sequence lengths [{_csv(DEFAULT_SEQS)}]")
     sweep.add_argument("--long", action="store_true", help=f"add seq {LONG_SEQ} to the sweep")
@@ -170,7 +172,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         dtype=args.dtype,
         steps=args.steps,
         warmup=args.warmup,
-        contestants=contestants_for(args.contestants, args.variants),
+        contestants=contestants_for(args.contestants, args.variants)
+        + ((LORA_REFERENCE,) if args.adapter == "dora" and "fxlora" in args.contestants else ()),
         inner=args.inner,
         fxlora_options=args.fxlora_options,
         seed=args.seed,
@@ -234,7 +237,7 @@ def caption(result: BenchResult) -> str:
     )
 
 
-_ADAPTER_NAMES = {"lora": "LoRA", "ia3": "IA3", "vera": "VeRA", "reft": "LoReFT"}
+_ADAPTER_NAMES = {"lora": "LoRA", "ia3": "IA3", "vera": "VeRA", "reft": "LoReFT", "dora": "DoRA"}
 
 
 def _adapter_targets(s: dict) -> str:
@@ -245,6 +248,9 @@ def _adapter_targets(s: dict) -> str:
         return "PEFT VeRA on q_proj and v_proj"
     if adapter == "reft":
         return "fxlora.reft LoReFT on o_proj and down_proj outputs, every position (peft-* = the same model uncompiled / under Inductor)"
+    if adapter == "dora":
+        return (f"PEFT DoRA (use_dora=True) on all linears, alpha {s['lora_alpha']}; "
+                f"{LORA_REFERENCE} = fxlora on the same model with plain LoRA")
     return f"LoRA on all linears, alpha {s['lora_alpha']}"
 
 

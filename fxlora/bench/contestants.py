@@ -52,11 +52,18 @@ def _add_loreft(model: nn.Module, case: Case, settings: Settings) -> nn.Module:
     return attach_reft(model, ("o_proj", "down_proj"), kind="loreft", r=case.rank, seed=settings.seed)
 
 
+def _add_dora(model: nn.Module, case: Case, settings: Settings) -> nn.Module:
+    """PEFT's DoRA (`LoraConfig(use_dora=True)`) on every linear."""
+    return with_lora(model, settings.shape.family, r=case.rank, alpha=settings.lora_alpha, dropout=case.dropout,
+                     seed=settings.seed, use_dora=True)
+
+
 ATTACH: dict[str, Callable[[nn.Module, Case, Settings], nn.Module]] = {
     "lora": _add_lora,
     "ia3": _add_ia3,
     "vera": _add_vera,
     "reft": _add_loreft,
+    "dora": _add_dora,
 }
 
 

@@ -21,6 +21,7 @@ STYLE = {  # one look per contestant across every panel
     "fxlora-lora-fa": dict(color="tab:green", marker="D", linestyle=":"),
     "fxlora-velora": dict(color="tab:red", marker="v", linestyle="-."),
     "fxlora-lora-fa+velora": dict(color="tab:purple", marker="x", linestyle=":"),
+    "fxlora-lora": dict(color="tab:gray", marker="s", linestyle="--"),
 }
 PANELS = (("step_ms", "step time (ms)"), ("saved_bytes", "saved for backward (MiB)"))
 
@@ -78,7 +79,7 @@ def _value(m: Measurement, figure: str) -> float:
 
 
 ADAPTER_LABELS = {"lora": "LoRA all-linear", "ia3": "IA3 (PEFT default targets)", "vera": "VeRA q/v",
-                  "reft": "LoReFT on o_proj/down_proj"}
+                  "reft": "LoReFT on o_proj/down_proj", "dora": "DoRA all-linear"}
 
 
 def _subtitle(result: BenchResult) -> str:

@@ -180,6 +180,11 @@ def probe_step(c: Contestant, batch, settings: Settings, seed: int) -> None:
 def measure_case(case: Case, settings: Settings, progress: Progress = Progress()) -> list[Measurement]:
     """All contestants on one case, interleaved step by step; compiled state is dropped afterwards."""
     torch._dynamo.reset()
+    # Every contestant is a new model through the same code (transformers' wrappers, PEFT's layers):
+    # their compiles add up against Dynamo's recompile limit, which one training script never meets.
+    # PEFT's DoRA under Inductor alone recompiles `wrapped_func` 8 times (a graph break per layer).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
     batch = make_batch(case, settings)
     failed: list[Measurement] = []
     alive: list[Contestant] = []

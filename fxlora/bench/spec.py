@@ -18,10 +18,11 @@ CONTESTANTS = (FLOOR, *PEERS, "fxlora")
 VARIANTS = ("exact", "lora-fa", "velora", "lora-fa+velora")
 FA_PEERS = ("peft-fa-eager", "peft-fa-inductor")
 VARIANT_CONTESTANTS = tuple("fxlora" if v == "exact" else f"fxlora-{v}" for v in VARIANTS)
-ALL_CONTESTANTS = (*CONTESTANTS, *FA_PEERS, *VARIANT_CONTESTANTS[1:])
+LORA_REFERENCE = "fxlora-lora"  # --adapter dora: fxlora on the same model with plain LoRA, the cost DoRA should match
+ALL_CONTESTANTS = (*CONTESTANTS, *FA_PEERS, *VARIANT_CONTESTANTS[1:], LORA_REFERENCE)
 VELORA_BENCH = {"method": "velora", "sub_token": "D/32", "targets": ["all"]}  # every site: no x left saved
 DTYPES = ("fp32", "bf16")
-ADAPTERS = ("lora", "ia3", "vera", "reft")  # PEFT LoraConfig, IA3Config (default targets), VeraConfig; fxlora.reft LoReFT
+ADAPTERS = ("lora", "ia3", "vera", "reft", "dora")  # PEFT LoraConfig, IA3Config (default targets), VeraConfig; fxlora.reft LoReFT; LoraConfig(use_dora=True)
 INNERS = ("inductor", "aot_eager")
 PARALLEL = ("none", "ddp", "fsdp")
 MIB = 2**20
