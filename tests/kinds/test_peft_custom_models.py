@@ -48,7 +48,7 @@ CASES = {
     "Conv3d IA3 feedforward": ("Conv3d", lambda: _ia3(target_modules=["conv3d"], feedforward_modules=["conv3d"]), {
         "conv3d": ("near miss", ["its input is", "(1, 5, 1, 1, 1), one entry per channel"])}),
     "MLP DoRA": ("MLP", lambda: _lora(target_modules=["lin0"], use_dora=True), {
-        "lin0": ("rejected", ["DoRA"])}),
+        "lin0": ("rewritten", [])}),
 }
 
 

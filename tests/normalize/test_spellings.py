@@ -143,6 +143,8 @@ RULE_PAIRS = {
     "div_scale": (lambda m, x: m.base(x) + F.linear(F.linear(x, m.A), m.B) / (1 / S), _PEFT),
     "scale_out_of_linear": (lambda m, x: m.base(x) + F.linear(F.linear(x, m.A) * S, m.B), _PEFT),
     "merge_scales": (lambda m, x: m.base(x) + F.linear(F.linear(x, m.A), m.B) * 2.0 * (S / 2), _PEFT),
+    "identity_product": (lambda m, x: F.linear(F.linear(torch.eye(D_IN), m.A), m.B).T + x.sum(),  # PEFT's DoRA B A
+                         lambda m, x: m.B @ m.A + x.sum()),
     "weight_side_lora": (lambda m, x: F.linear(x, m.base.weight + m.B @ m.A * S, m.base.bias),
                          lambda m, x: m.base(x) + F.linear(F.linear(x, m.A), m.B) * S),
 }

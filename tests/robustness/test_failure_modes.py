@@ -94,9 +94,6 @@ def test_dropout_mask_applied_in_dX(form, p):
 def _unsupported_case(name):
     from peft import LoraConfig, get_peft_model
 
-    if name == "dora":
-        model = with_lora(tiny_model("llama", hidden=32), "llama", r=4, targets=["q_proj", "v_proj"], use_dora=True)
-        return model, token_batch(2, 8), "DoRA"
     if name == "lora_bias":
         model = with_lora(tiny_model("llama", hidden=32), "llama", r=4, targets="attention", lora_bias=True)
         return model, token_batch(2, 8), "lora_B has a bias"
@@ -114,7 +111,7 @@ def _unsupported_case(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["embedding", "conv2d", pytest.param("lora_bias", marks=pytest.mark.slow), pytest.param("dora", marks=pytest.mark.slow)]
+    "name", ["embedding", "conv2d", pytest.param("lora_bias", marks=pytest.mark.slow)]
 )
 def test_unsupported_peft_variants_are_exact_and_explained(name):
     model, batch, reason = _unsupported_case(name)

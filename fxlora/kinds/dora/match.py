@@ -88,7 +88,7 @@ class DoraSite:
 def find(gm: fx.GraphModule) -> Match:
     rejections: list = []
     autocast = autocast_state(gm.graph)
-    norms = [n for n in gm.graph.nodes if is_call(n, NORM_TARGETS)]
+    norms = [n for n in gm.graph.nodes if is_call(n, NORM_TARGETS) or is_method(n, ("norm",))]
     sites = []
     for norm, (variant, nodes, kind) in prove_each(norms, _prove, "DoRA: ", rejections):
         sites.append(_describe(len(sites), norm, variant, nodes, kind, autocast.get(nodes.out)))
@@ -248,13 +248,14 @@ def _prove_combination(c, W, W_rows, A, B, s, m):
     if (base_kind == "conv1d") != (W_rows is not W):
         raise NotASite("the norm's rows are not the base layer's outputs (fan_in_fan_out mismatch)")
     check_base(weight)
-    u, _ = strip_casts(xa.args[0])
+    u, casts = strip_casts(xa.args[0])
     dropout = u if is_call(u, DROPOUT_TARGETS) else None
     if dropout is not None and arg(dropout, 3, "inplace", False):
         raise NotASite("the adapter's dropout is in-place")
-    u_src = strip_casts(dropout.args[0])[0] if dropout is not None else u
-    if u_src is not x:
-        raise NotASite(f"the adapter reads {u_src.name}, the base layer reads {x.name}: not the same input")
+    if dropout is not None:
+        u, casts = strip_casts(dropout.args[0])
+    if u is not x and x not in casts:  # the base may read a cast of x itself (x.float())
+        raise NotASite(f"the adapter reads {u.name}, the base layer reads {x.name}: not the same input")
     own = [xa, R]
     q_weight = None
     if Q is P:

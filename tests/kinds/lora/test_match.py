@@ -160,11 +160,12 @@ def test_dropout_on_shared_input_is_part_of_x():
     assert site.dropout_p == 0.0 and site.nodes.dropout is None
 
 
-def test_dora_is_rejected_and_plain_linear_is_no_site():
+def test_dora_is_not_lora_and_plain_linear_is_no_site():
+    """A DoRA site's B(A(x)) is the DoRA kind's (tests/kinds/dora), never a LoRA site or look-alike."""
     model = with_lora(tiny_model("llama"), "llama", targets=["q_proj"], use_dora=True)
     report = _explain(model)
-    assert not report.sites
-    assert report.rejections and all("scal" in r.reason or "instead of" in r.reason for r in report.rejections)
+    assert [s.nodes.lora_A is not None for s in report.sites] == [True] and not report.rejections
+    assert report.graphs[0].result("lora").match.sites == []
 
     plain = nn.Sequential(nn.Linear(16, 4, bias=False), nn.Linear(4, 16, bias=False))  # low rank, no base
     report = fxlora.explain(plain, torch.randn(2, 16))
