@@ -70,8 +70,9 @@ def _report_kinds() -> dict:
     report = fxlora.last_report()
     lora = report.decisions_of("lora")
     scaling = [d for d in report.decisions if d.kind != "lora"]
-    others = [s for s in report.sites if s.kind != "lora"]
-    kinds = {s.kind for s in others}
+    other_kinds = sorted({r.kind.name for g in report.graphs for r in g.kinds if r.kind.name != "lora" and r.match.sites})
+    others = [s for k in other_kinds for s in report.sites_of(k)]
+    kinds = {getattr(s, "kind", None) or k for k in other_kinds for s in report.sites_of(k)}
     return {"lora_sites": len(report.sites_of("lora")), "lora_rewritten": sum(d.rewritten for d in lora),
             "other_sites": len(others), "other_rewritten": sum(d.rewritten for d in scaling),
             "other_kinds": sorted(kinds),
