@@ -22,7 +22,7 @@ def _regions(report):
     return [r for g in report.graphs for r in g.regions]
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("use_reentrant", [pytest.param(True, marks=pytest.mark.slow), False])  # slow: `make test` under 15 min
 def test_sites_in_checkpointed_layers_are_rewritten_and_exact(use_reentrant):
     """HF gradient_checkpointing_enable(), both settings: Dynamo traces each layer as a checkpoint op."""
     model = _checkpointed(use_reentrant)
@@ -176,7 +176,7 @@ class _SeededDropout(torch.nn.Module):
         return x * _draw_keep(x.shape, self.p, x.dtype, x.device, True, _seeded(seed, x.device)) / (1 - self.p)
 
 
-@pytest.mark.parametrize("form", ["f1/b1+seeded", "f1/b10+seeded+bits"])
+@pytest.mark.parametrize("form", ["f1/b1+seeded", pytest.param("f1/b10+seeded+bits", marks=pytest.mark.slow)])
 def test_seeded_masks_in_a_region_are_exact(form):
     """A "+seeded" form's seed is a random op of the graph: the region's recompute reads the seed the
     forward drew (AOTAutograd keeps or replays it), never a new one. Against eager PEFT whose dropout
