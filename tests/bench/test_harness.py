@@ -140,7 +140,8 @@ def test_reft_crossover_plot(tmp_path, capsys):
     assert "saved-bytes crossover T = 512" in capsys.readouterr().out  # o_proj 512 -> 512, x rebuilt: T = o i / o
 
 
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])  # slow: `make test` under 15 min
+@pytest.mark.slow  # `make test` under 15 min; tests/distributed covers DDP and FSDP2 in the fast set
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_rank_rows(tmp_path, parallel):
     """--parallel spawns 2 gloo ranks; the table is rank 0's, per rank, and says so."""
     argv = ["--inner", "aot_eager", "--steps", "1", "--warmup", "1", "--seqs", "16", "--ranks", "4", "--dropouts", "0",
