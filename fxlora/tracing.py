@@ -57,7 +57,8 @@ def mark_backend(fn: Any, config: Any = True) -> Any:
 
 def fxlora_options(compiler_fn: Any) -> tuple[bool, Any]:
     """(is this Dynamo compiler fxlora's, the options it was given) by walking Dynamo's wrappers
-    (WrapBackendDebug -> torch.compile's _TorchCompileWrapper -> the backend function)."""
+    (WrapBackendDebug -> torch.compile's _TorchCompileWrapper -> the backend function; under DDP
+    the DDPOptimizer's bound `compile_fn` -> its `backend_compile_fn`)."""
     options, seen = None, set()
     while compiler_fn is not None and id(compiler_fn) not in seen:
         seen.add(id(compiler_fn))
@@ -67,8 +68,9 @@ def fxlora_options(compiler_fn: Any) -> tuple[bool, Any]:
         mark = getattr(compiler_fn, FXLORA_MARK, None)
         if mark is not None:
             return True, (mark if mark is not True else options)
+        owner = getattr(compiler_fn, "__self__", None)  # a bound method: DDPOptimizer.compile_fn
         compiler_fn = next((getattr(compiler_fn, a) for a in ("_torchdynamo_orig_backend", "compiler_fn", "__wrapped__", "func")
-                            if getattr(compiler_fn, a, None) is not None), None)
+                            if getattr(compiler_fn, a, None) is not None), getattr(owner, "backend_compile_fn", None))
     return False, None
 
 

@@ -35,10 +35,10 @@ def _entry(rank: int, world: int, worker: Callable, tmp: str, kwargs: dict) -> N
         dist.destroy_process_group()
 
 
-def lora_llama(dropout: float = 0.0):
+def lora_llama(dropout: float = 0.0, dora: bool = False):
     from fxlora.testing.models import tiny_model, with_lora
 
-    return with_lora(tiny_model("llama", hidden=32, layers=2, heads=4), r=4, dropout=dropout)
+    return with_lora(tiny_model("llama", hidden=32, layers=2, heads=4), r=4, dropout=dropout, use_dora=dora)
 
 
 def full_batch(world: int = WORLD) -> dict[str, torch.Tensor]:
@@ -51,11 +51,11 @@ def rank_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
     return {k: v.chunk(world)[rank] for k, v in full_batch(world).items()}
 
 
-def single_process_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def single_process_step(dora: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reference: eager PEFT on the concatenated batch, in this process."""
     from tests.helpers import loss_and_grads
 
-    return loss_and_grads(lora_llama(), full_batch())
+    return loss_and_grads(lora_llama(dora=dora), full_batch())
 
 
 def report_summary(fxlora) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def _name(n: str) -> str:
 
 
 def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb: float = 25.0,
-               options: dict | None = None, hook: bool = True, explain: bool = False) -> dict[str, Any]:
+               options: dict | None = None, hook: bool = True, explain: bool = False, dora: bool = False) -> dict[str, Any]:
     """One DDP step; `bucket_mb` small enough splits the graph into several DDPOptimizer pieces.
 
     hook=False puts Dynamo's stock DDPOptimizer back, as on a torch fxlora cannot hook."""
@@ -97,7 +97,7 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
 
     allow_small_buckets(bucket_mb)
     options = {"inner": "aot_eager", **(options or {})}
-    model = lora_llama()
+    model = lora_llama(dora=dora)
     if order == "python-reducer":  # no graph split: compiled autograd traces DDP's all-reduces instead
         torch._dynamo.config.optimize_ddp = "python_reducer"
         torch._dynamo.config.compiled_autograd = True
@@ -116,12 +116,13 @@ def ddp_worker(rank: int, world: int, order: str = "ddp-then-compile", bucket_mb
     return out
 
 
-def fsdp_worker(rank: int, world: int, options: dict | None = None, probe_saved: bool = False) -> dict[str, Any]:
+def fsdp_worker(rank: int, world: int, options: dict | None = None, probe_saved: bool = False,
+                dora: bool = False) -> dict[str, Any]:
     """One FSDP2 step: fully_shard per decoder layer and at the root, base weights frozen and sharded."""
     import fxlora
     from fxlora.bench.contestants import parallelize
 
-    model = parallelize(lora_llama(), "fsdp")  # as the benchmark shards it
+    model = parallelize(lora_llama(dora=dora), "fsdp")  # as the benchmark shards it
     compiled = torch.compile(model, backend="fxlora", options={"inner": "aot_eager", **(options or {})})
     batch = rank_batch(rank, world)
     out: dict[str, Any] = {}

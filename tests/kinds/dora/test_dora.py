@@ -195,3 +195,19 @@ def test_inside_checkpointed_layers():
     got = step(compiled(make()), batch)
     assert _counts()[1] == _counts()[0] == 7
     assert_same_step(ref, got, **FP32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_dora_on_two_ranks(tmp_path, parallel):
+    """DDP (the graph split into buckets after the rewrite) and FSDP2 (no weight copy outlives forward), as for LoRA."""
+    from tests.distributed.ranks import ddp_worker, fsdp_worker, run_ranks, single_process_step
+
+    if parallel == "ddp":
+        ranks = run_ranks(ddp_worker, tmp_path, bucket_mb=0.001, dora=True)
+    else:
+        ranks = run_ranks(fsdp_worker, tmp_path, probe_saved=True, dora=True)
+    ref = single_process_step(dora=True)
+    for got in ranks:
+        assert_same_step(ref, (got["loss"], got["grads"]), **FP32)
+        assert got["fallbacks"] == [] and got["sites"] == got["rewritten"] == 14, got["text"]
