@@ -21,7 +21,7 @@ STYLE = {  # one look per contestant across every panel
     "fxlora-lora-fa": dict(color="tab:green", marker="D", linestyle=":"),
     "fxlora-velora": dict(color="tab:red", marker="v", linestyle="-."),
     "fxlora-lora-fa+velora": dict(color="tab:purple", marker="x", linestyle=":"),
-    "fxlora-lora": dict(color="tab:gray", marker="s", linestyle="--"),
+    "fxlora-lora": dict(color="tab:olive", marker="P", linestyle="--"),
 }
 PANELS = (("step_ms", "step time (ms)"), ("saved_bytes", "saved for backward (MiB)"))
 
