@@ -7,6 +7,8 @@ Runs before LoRA: a DoRA site's B(A(u)) is LoRA-shaped, and its nodes belong to 
 
 from __future__ import annotations
 
+import torch
+
 from fxlora.config import Config
 from fxlora.cost.guards import size_expr, tokens_expr
 from fxlora.graph.read import describe_size, dtype_name, value
@@ -32,7 +34,9 @@ def shape(site: DoraSite, config: Config) -> DoraShape:
         out_features=size_expr(site.out_features), rank=size_expr(site.rank), x_bytes=site.dtype.itemsize,
         variant=site.variant, adapter_dropout=site.variant == "scaled_bias" and site.nodes.dropout is not None,
         dropout=site.nodes.dropout is not None and bool(site.dropout_p), a_trainable=site.a_trainable,
-        b_trainable=site.b_trainable, m_trainable=site.m_trainable,
+        b_trainable=site.b_trainable, m_trainable=site.m_trainable, dropout_p=float(site.dropout_p or 0.0),
+        recomputed=config.in_checkpoint, eager_masks=config.eager_masks(),
+        sparse_kernels=site.dtype == torch.float32 and value(site.nodes.x).device.type == "cpu",
     )
 
 

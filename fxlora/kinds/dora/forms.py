@@ -38,12 +38,18 @@ class DoraShape:
     b_trainable: bool = True
     m_trainable: bool = True
     mixed_dtypes: bool = False
+    dropout_p: float = 0.0
+    recomputed: bool = False  # in a checkpointed region: a form that draws its own mask is illegal
+    sparse_kernels: bool = False  # fp32 on the CPU, where the sparse form's kernels were measured
+    eager_masks: bool = True  # Config.eager_masks: the sparse form draws eager's masks or the fast generator's
 
 
 @dataclass(frozen=True)
 class DoraSpec:
     forward: int
     backward: int
+    sparse: bool = False  # fxlora::dora_dropped_linear (draws its mask) instead of lora_linear on drop(x)
+    fast_rng: bool = False
 
 
 # what each form is, for people -> (forward, backward, keeps X A^T, merged weight); its name is "f<fwd>/b<bwd>"
@@ -94,6 +100,24 @@ def peft_saved_bytes(shape: DoraShape) -> sympy.Expr:
     return saved + (T * I if shape.dropout else ZERO)
 
 
+def sparse_mask_form(shape: DoraShape) -> Form:
+    """PEFT's dropout variant with its two dense passes over the dropped input replaced by sparse
+    work in p (fxlora.ops.dora): x W^T and S W^T (S: the dropped fraction p of x) forward, one dense
+    dX GEMM and an SDDMM at the dropped positions backward. Keeps x, z and the mask at 1 bit/element."""
+    p = sympy.Float(shape.dropout_p, 6)
+    fwd = _gemm(T, O, I) + p * _gemm(T, O, I) + _gemm(T, R, I) + _gemm(T, O, R)
+    bwd = _gemm(T, I, O) + p * _gemm(T, I, O) + _gemm(T, R, O) + _gemm(T, I, R)
+    bwd += (_gemm(R, I, T) if shape.a_trainable else 0) + (_gemm(O, R, T) + _gemm(T, R, I) if shape.b_trainable else 0)
+    saved = T * I * shape.x_bytes + (T * O * shape.x_bytes if shape.m_trainable else ZERO) + T * I / 8
+    why_not = ""
+    if shape.recomputed:
+        why_not = "in a checkpointed region: its mask must be the traced graph's, which the recompute replays"
+    elif not shape.sparse_kernels:
+        why_not = "sparse kernels measured for fp32 on the CPU only"
+    return Form("sparse-mask", sympy.expand(fwd + bwd + 3 * T * O), sympy.expand(saved), not why_not, why_not,
+                spec=DoraSpec(0, 0, sparse=True, fast_rng=not shape.eager_masks))
+
+
 def candidate_forms(shape: DoraShape) -> list[Form]:
     # PEFT's graph: forward 1 / backward 1 plus B A pushed through an identity (i i r + i r o)
     traced_flops = form_flops(1, 1, shape) + _gemm(I, I, R) + _gemm(I, R, O) - _gemm(O, I, R)
@@ -107,4 +131,6 @@ def candidate_forms(shape: DoraShape) -> list[Form]:
         forms.append(Form(f"f{fwd}/b{bwd}", form_flops(fwd, bwd, shape), sympy.expand(form_saved_bytes(keeps_xa, shape)),
                           not why_not, why_not, transient_bytes=O * I * shape.x_bytes if merged else ZERO,
                           spec=DoraSpec(fwd, bwd)))
+    if shape.variant == "dropped_base" and shape.dropout:
+        forms.append(sparse_mask_form(shape))
     return forms

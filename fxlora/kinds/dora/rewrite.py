@@ -16,14 +16,48 @@ from fxlora.cost.core import PricedForm
 from fxlora.graph.edit import erase_dead, inserting_before, replace_output
 from fxlora.graph.read import value
 from fxlora.kinds.dora.match import DoraSite
-from fxlora.ops import lora as _lora_ops  # noqa: F401  (registers torch.ops.fxlora.lora_linear)
+from fxlora.ops import dora as _dora_ops, lora as _lora_ops  # noqa: F401  (register torch.ops.fxlora.*)
 
 LINEAR = torch._C._nn.linear
 
 
 def rewrite(gm: fx.GraphModule, chosen: list[tuple[DoraSite, PricedForm]]) -> None:
+    """In graph order; sites that draw their own masks chain them (program order, as eager draws)."""
+    last_draw = _previous_draw(chosen[0][0].nodes.out) if chosen else None
     for site, priced in chosen:
-        _replace(site, priced.form.spec)
+        if priced.form.spec.sparse:
+            last_draw = _replace_sparse(site, priced.form.spec, last_draw)
+        else:
+            _replace(site, priced.form.spec)
+
+
+def _previous_draw(node: fx.Node):
+    """The mask (output 2) of the last rewritten sparse-mask site before `node`, if any."""
+    cursor = node.prev
+    while cursor.op != "root":
+        if cursor.op == "call_function" and cursor.target is operator.getitem and cursor.args[1] == 2 and \
+                getattr(cursor.args[0], "target", None) is torch.ops.fxlora.dora_dropped_linear.default:
+            return cursor
+        cursor = cursor.prev
+    return None
+
+
+def _replace_sparse(site: DoraSite, spec, last_draw):
+    """PEFT's dropout variant as fxlora::dora_dropped_linear: the op draws the site's mask where the
+    traced dropout drew it (the dropout node dies with the site)."""
+    n = site.nodes
+    graph = n.out.graph
+    with inserting_before(n.out) as inserted:
+        op = graph.call_function(
+            torch.ops.fxlora.dora_dropped_linear.default,
+            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), n.scale_c, float(site.dropout_p),
+             site.base_kind == "conv1d"),
+            {**({"fast_rng": True} if spec.fast_rng else {}), **({"after": last_draw} if last_draw is not None else {})})
+        y = graph.call_function(operator.getitem, (op, 0))
+        draw = graph.call_function(operator.getitem, (op, 2))
+    replace_output(n.out, y, inserted)
+    erase_dead([*n.internal, n.adapter_in, n.dropout])
+    return draw
 
 
 def _scale_node(graph: fx.Graph, scale) -> fx.Node:

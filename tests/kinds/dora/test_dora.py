@@ -43,10 +43,13 @@ def test_peft_dora_is_exact(family, dropout):
     ref = step(peft_dora(family, dropout), batch)
     counters.clear()
     torch._dynamo.reset()
+    fxlora.clear_reports()
     got = step(compiled(peft_dora(family, dropout)), batch)
     sites, rewritten = _counts()
     assert sites > 0 and rewritten == sites, (sites, rewritten)
     assert any("magnitude" in name for name in got[1])
+    forms = {d.chosen.form.name for d in fxlora.last_report().decisions_of("dora")}
+    assert (forms == {"sparse-mask"}) == bool(dropout), forms  # PEFT's dropout: its mask drawn by the op
     assert_same_step(ref, got, **FP32)
 
 
@@ -192,8 +195,10 @@ def test_inside_checkpointed_layers():
     ref = step(make(), batch)
     counters.clear()
     torch._dynamo.reset()
+    fxlora.clear_reports()
     got = step(compiled(make()), batch)
     assert _counts()[1] == _counts()[0] == 7
+    assert "sparse-mask" not in {d.chosen.form.name for d in fxlora.last_report().decisions_of("dora")}
     assert_same_step(ref, got, **FP32)
 
 
