@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fxlora.ops._common import base_weight
-from fxlora.ops.lora import _draw_keep, _keep_scale, _pack_mask, _unpacked_keep
+from fxlora.ops.lora import _draw_keep, _dy_b, _dyt_xa, _keep_scale, _pack_mask, _unpacked_keep
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -53,16 +53,14 @@ def dora_dropped_linear(
     """`after`: ordering only (the previous site's mask), never read. `mag_scale`: c = m / n, (1, out)."""
     W = base_weight(weight, conv1d)
     keep = _draw_keep(x.shape, dropout_p, x.dtype, x.device, fast_rng)
-    k = _keep_scale(dropout_p, x.dtype, x.device)
+    k = _keep_scale(dropout_p, x.dtype, x.device).item()
     x2, keep2 = _flat(x), _flat(keep)
-    Wt = W.t().contiguous()
     base = x2 @ W.t()  # x W^T
-    dropped = torch.where(keep2, 0, x2).to_sparse_csr()  # S = x * (1 - keep)
-    u = (base - torch.sparse.mm(dropped, Wt)).mul_(k)  # d W^T
+    dropped = torch.where(keep2, 0, x2).to_sparse_csr()  # S = x * (1 - keep), density p
+    u = torch.addmm(base, dropped, W.t().contiguous(), beta=k, alpha=-k)  # d W^T = k (x W^T - S W^T)
     xa = torch.where(keep2, x2, 0) @ lora_A.t()  # (x * keep) A^T; k rides on the r-wide factor
-    z = torch.addmm(u, xa * (scale * k).to(x.dtype), lora_B.t())  # d W^T + s (d A^T) B^T
-    c = mag_scale.reshape(1, -1)
-    y = torch.addcmul(base - u, c, z)
+    z = torch.addmm(u, xa, lora_B.t(), alpha=scale.item() * k)  # d W^T + s (d A^T) B^T
+    y = torch.addcmul(base, mag_scale.reshape(1, -1), z).sub_(u)  # P + (c - 1) d W^T + c s (d A^T) B^T
     if bias is not None:
         y = y.add_(bias)
     out_shape = (*x.shape[:-1], W.shape[0])
@@ -101,33 +99,32 @@ def dora_dropped_linear_backward(
     z: Tensor, bits: Tensor, dropout_p: float, conv1d: bool, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dX, db, dA, dB, dc (empty where not needed). With H = (c - 1) dY and G = c dY:
-    dX = (dY + k H) W - k (1 - keep) * (H W) + k keep * (s (G B) A)   (one dense GEMM, one SDDMM)
+    dX = (dY + k H) W - k (1 - keep) * (H W) + k keep * (s (G B) A)   (one dense GEMM, one SDDMM;
+    c and c - 1 scale the rows of W and B, not the tokens x out dY)
     dA = k s (G B)^T (x * keep),  dB = k s G^T ((x * keep) A^T),  dc = sum_t dY * z."""
     need_x, need_b, need_A, need_B, need_c = needs
     W = base_weight(weight, conv1d)
-    k = _keep_scale(dropout_p, x.dtype, x.device)
+    k = _keep_scale(dropout_p, x.dtype, x.device).item()
     x2, dy2 = _flat(x), _flat(dy)
     keep = _unpacked_keep(bits, x2.shape)
-    c = mag_scale.reshape(1, -1)
-    G = dy2 * c
-    sk = (scale * k).to(x.dtype)
+    c = mag_scale.reshape(-1, 1)  # per output: scale W's and B's rows, never a tokens x out pass
+    sk = scale.to(x.dtype) * k
     dX, db, dA, dB, dc = (x.new_empty((0,)) for _ in range(5))  # distinct: outputs may not alias
+    xm = torch.where(keep, x2, 0) if (need_A or need_B) else None
     if need_x or need_A:
-        gb = G @ lora_B * sk  # k s (G B), (T, r)
+        gb = _dy_b(dy2, lora_B * c * sk)  # k s (G B), G = c dY: (T, r)
     if need_x:
-        H = dy2 * (c - 1)
-        dX = (dy2 + H * k) @ W
+        dX = dy2 @ (W * (1 + k * (c - 1)))  # (dY + k H) W, H = (c - 1) dY
         dropped = (~keep).to(x.dtype).to_sparse_csr()
-        at = torch.sparse.sampled_addmm(dropped, H, W, beta=0.0)  # (H W) at the dropped positions
+        at = torch.sparse.sampled_addmm(dropped, dy2, W * (c - 1), beta=0.0)  # H W at the dropped positions
         rows = torch.repeat_interleave(torch.arange(x2.shape[0], device=x.device), at.crow_indices().diff())
         dX.index_put_((rows, at.col_indices()), at.values() * -k, accumulate=True)
         dX.addcmul_(keep, gb @ lora_A)
         dX = dX.view(x.shape)
-    xm = torch.where(keep, x2, 0)
     if need_A:
         dA = gb.t() @ xm
     if need_B:
-        dB = (G.t() @ (xm @ lora_A.t())) * sk
+        dB = _dyt_xa(dy2, xm @ lora_A.t()) * (c * sk)
     if need_c:
         dc = (dy2 * _flat(z)).sum(0).view(mag_scale.shape).to(mag_scale.dtype)
     if need_b:
