@@ -49,6 +49,8 @@ CASES = {
         "conv3d": ("near miss", ["its input is", "(1, 5, 1, 1, 1), one entry per channel"])}),
     "MLP DoRA": ("MLP", lambda: _lora(target_modules=["lin0"], use_dora=True), {
         "lin0": ("rewritten", [])}),
+    "Conv2d DoRA": ("Conv2d", lambda: _lora(target_modules=["conv2d"], use_dora=True), {
+        "conv2d": ("rejected", ["DoRA on a Conv layer"])}),
 }
 
 

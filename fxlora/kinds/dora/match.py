@@ -160,6 +160,9 @@ def _scaled_product(S: fx.Node) -> Optional[tuple[fx.Node, fx.Node, Any, bool]]:
 
 def _prove(norm: fx.Node):
     """(variant, DoraNodes, base kind) of the site around `norm`, None when `norm` is no DoRA norm."""
+    if norm.args and _conv_dora_norm(norm.args[0]):
+        raise NotASite("DoRA on a Conv layer (the norm of a 3-D+ W + s dW): fxlora rewrites DoRA on linear "
+                       "and Conv1D bases only; kept as graph ops")
     if not norm.args or arg(norm, 2, "dim", norm.kwargs.get("dim")) not in (1, -1, (1,), [1]):
         return None
     total = norm.args[0]
@@ -192,6 +195,14 @@ def _prove(norm: fx.Node):
     while len(c.users) == 1 and is_method(next(iter(c.users)), SHAPE_METHODS):
         c = next(iter(c.users))
     return _prove_combination(c, W, W_rows, A, B, s, m)
+
+
+def _conv_dora_norm(total: Any) -> bool:
+    """`W + s dW.detach()` with W a frozen 3-D+ weight: PEFT's DoRA on Conv1d/2d/3d."""
+    if not (is_call(total, ADD_TARGETS) and len(total.args) == 2) or getattr(value(total), "dim", lambda: 0)() < 3:
+        return False
+    return any(is_tensor_input(a) and not requires_grad(a) for a in total.args) and any(
+        isinstance(a, fx.Node) and any(is_method(p, DETACH) for p in [a, *a.all_input_nodes]) for a in total.args)
 
 
 def _through_users(node: fx.Node) -> tuple[fx.Node, list]:
