@@ -52,18 +52,21 @@ def dora_dropped_linear(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`after`: ordering only (the previous site's mask), never read. `mag_scale`: c = m / n, (1, out)."""
     W = base_weight(weight, conv1d)
+    o = W.shape[0]
     keep = _draw_keep(x.shape, dropout_p, x.dtype, x.device, fast_rng)
     k = _keep_scale(dropout_p, x.dtype, x.device).item()
     x2, keep2 = _flat(x), _flat(keep)
-    base = x2 @ W.t()  # x W^T
+    both = x2 @ torch.cat([W, lora_A]).t()  # [x W^T | x A^T] from one GEMM (N = out + r)
+    base, xa = both[:, :o], both[:, o:]
     dropped = torch.where(keep2, 0, x2).to_sparse_csr()  # S = x * (1 - keep), density p
-    u = torch.addmm(base, dropped, W.t().contiguous(), beta=k, alpha=-k)  # d W^T = k (x W^T - S W^T)
-    xa = torch.where(keep2, x2, 0) @ lora_A.t()  # (x * keep) A^T; k rides on the r-wide factor
-    z = torch.addmm(u, xa, lora_B.t(), alpha=scale.item() * k)  # d W^T + s (d A^T) B^T
-    y = torch.addcmul(base, mag_scale.reshape(1, -1), z).sub_(u)  # P + (c - 1) d W^T + c s (d A^T) B^T
+    z = torch.addmm(base, dropped, W.t().contiguous(), beta=k, alpha=-k)  # d W^T = k (x W^T - S W^T)
+    xa = (xa - dropped @ lora_A.t()) * (scale * k).to(x.dtype)  # s (d A^T) = s k (x A^T - S A^T)
+    z.addmm_(xa, lora_B.t())  # z = d W^T + s (d A^T) B^T
+    c = mag_scale.reshape(1, -1)
+    y = torch.addcmul(base, c - 1, z).addmm_(xa, lora_B.t())  # P + (c - 1) z + s (d A^T) B^T
     if bias is not None:
         y = y.add_(bias)
-    out_shape = (*x.shape[:-1], W.shape[0])
+    out_shape = (*x.shape[:-1], o)
     return y.view(out_shape), z.view(out_shape), _pack_mask(keep)
 
 
@@ -111,22 +114,24 @@ def dora_dropped_linear_backward(
     sk = scale.to(x.dtype) * k
     dX, db, dA, dB, dc = (x.new_empty((0,)) for _ in range(5))  # distinct: outputs may not alias
     xm = torch.where(keep, x2, 0) if (need_A or need_B) else None
-    if need_x or need_A:
-        gb = _dy_b(dy2, lora_B * c * sk)  # k s (G B), G = c dY: (T, r)
-    if need_x:
-        dX = dy2 @ (W * (1 + k * (c - 1)))  # (dY + k H) W, H = (c - 1) dY
+    i = x2.shape[1]
+    if need_x:  # [(dY + k H) W | k s (G B)] from one GEMM (N = in + r), H = (c - 1) dY, G = c dY
+        both = dy2 @ torch.cat([W * (1 + k * (c - 1)), lora_B * c * sk], dim=1)
+        dX, gb = both[:, :i], both[:, i:]
         dropped = (~keep).to(x.dtype).to_sparse_csr()
         at = torch.sparse.sampled_addmm(dropped, dy2, W * (c - 1), beta=0.0)  # H W at the dropped positions
         rows = torch.repeat_interleave(torch.arange(x2.shape[0], device=x.device), at.crow_indices().diff())
         dX.index_put_((rows, at.col_indices()), at.values() * -k, accumulate=True)
         dX.addcmul_(keep, gb @ lora_A)
-        dX = dX.view(x.shape)
+        dX = dX.contiguous().view(x.shape)
+    elif need_A:
+        gb = _dy_b(dy2, lora_B * c * sk)  # k s (G B): (T, r)
     if need_A:
         dA = gb.t() @ xm
     if need_B:
         dB = _dyt_xa(dy2, xm @ lora_A.t()) * (c * sk)
     if need_c:
-        dc = (dy2 * _flat(z)).sum(0).view(mag_scale.shape).to(mag_scale.dtype)
+        dc = torch.linalg.vecdot(dy2, _flat(z), dim=0).view(mag_scale.shape).to(mag_scale.dtype)
     if need_b:
         db = dy2.sum(0)
     return dX, db, dA, dB, dc
