@@ -16,6 +16,7 @@ from fxlora.kinds.base import Kind, Match
 from fxlora.kinds.dora.forms import DoraShape, candidate_forms, peft_saved_bytes
 from fxlora.kinds.dora.match import DoraSite, find
 from fxlora.kinds.dora.rewrite import rewrite
+from fxlora.kinds.dora.timing import time_case
 
 
 def why_not(site: DoraSite, config: Config) -> str:
@@ -77,5 +78,5 @@ KIND = Kind(
              "magnitude scale", "x shared with"),
     flop_budget=True, find=find, why_not=why_not, shape=shape, site_forms=site_forms,
     peft_saved_bytes=peft_saved_bytes, forced=forced, rewrite_sites=rewrite, owned=owned, row=row,
-    describe_shape=describe_shape,
+    describe_shape=describe_shape, time_case=time_case,
 )

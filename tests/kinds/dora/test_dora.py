@@ -44,7 +44,7 @@ def test_peft_dora_is_exact(family, dropout):
     counters.clear()
     torch._dynamo.reset()
     fxlora.clear_reports()
-    got = step(compiled(peft_dora(family, dropout)), batch)
+    got = step(compiled(peft_dora(family, dropout), objective="saved_bytes"), batch)  # no timing at toy sizes
     sites, rewritten = _counts()
     assert sites > 0 and rewritten == sites, (sites, rewritten)
     assert any("magnitude" in name for name in got[1])
