@@ -28,8 +28,9 @@ identity, so the strings cannot change under the guard).
 
 A Parameter built inside forward. PEFT's `transpose(weight, fan_in_fan_out)` (GPT-2's Conv1D
 under DoRA) returns `nn.Parameter(weight.T)`, which Dynamo cannot construct in a graph: it
-graph-breaks in every such layer. For fxlora's compiles, a Parameter wrapped around a tensor that
-needs no gradient (a frozen weight's view) is traced as that tensor. What differs from eager: the
+graph-breaks in every such layer. For fxlora's compiles, a Parameter wrapped around a view of a
+graph input that needs no gradient (a frozen weight's `.T`) is traced as that view; any other
+`nn.Parameter(...)` in forward (a lazily created weight, say) still graph-breaks as before. What differs from eager: the
 temporary Parameter would receive a gradient nobody can read (it is dropped when forward
 returns); every gradient that reaches the model's parameters is the same.
 """
@@ -156,14 +157,33 @@ def install_forward_parameters() -> bool:
     @functools.wraps(wrapped)
     def call_nn_parameter(cls, tx, data=None, requires_grad=True):
         if data is not None and data.is_tensor() and not data.source and fxlora_options(_compiler_fn(tx))[0]:
-            fake = data.as_proxy().node.meta.get("example_value")
-            if fake is not None and not fake.requires_grad:
+            if _frozen_input_view(data.as_proxy().node):
                 return data
         return wrapped(cls, tx, data, requires_grad)
 
     setattr(call_nn_parameter, FXLORA_MARK, True)
     TorchInGraphFunctionVariable.call_nn_parameter = classmethod(call_nn_parameter)
     return True
+
+
+_VIEWS = ("t", "T", "mT", "transpose", "permute", "view", "reshape", "to", "float", "contiguous", "detach")
+
+
+def _frozen_input_view(node: Any) -> bool:
+    """`node` is a chain of views and casts (`.T`, `.t()`, `.to(dtype)`, ...) of a graph input that needs no grad."""
+    for _ in range(8):
+        fake = node.meta.get("example_value")
+        if fake is None or getattr(fake, "requires_grad", True):
+            return False
+        if node.op in ("placeholder", "get_attr"):
+            return True
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+            name = node.args[1]
+        if name not in _VIEWS or not node.args or not hasattr(node.args[0], "meta"):
+            return False
+        node = node.args[0]
+    return False
 
 
 def _compiler_fn(tx: Any) -> Optional[Any]:

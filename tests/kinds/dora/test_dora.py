@@ -216,3 +216,23 @@ def test_dora_on_two_ranks(tmp_path, parallel):
     for got in ranks:
         assert_same_step(ref, (got["loss"], got["grads"]), **FP32)
         assert got["fallbacks"] == [] and got["sites"] == got["rewritten"] == 14, got["text"]
+
+
+def test_only_a_frozen_weights_view_becomes_a_traced_parameter():
+    """`nn.Parameter(W.T)` of a frozen W traces as the view under fxlora; a Parameter made of a new
+    tensor in forward (a lazily created weight) still graph-breaks, as it does under any backend."""
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(4, 4), requires_grad=False)
+
+        def forward(self, x):
+            view = nn.Parameter(self.W.T)  # PEFT's transpose(weight, fan_in_fan_out)
+            made = nn.Parameter(torch.ones(4))
+            return x @ view * made
+
+    counters.clear()
+    torch._dynamo.reset()
+    torch.compile(Lazy(), backend="fxlora", options={"inner": "aot_eager"})(torch.randn(2, 4))
+    reasons = " ".join(str(k) for k in counters["graph_break"])
+    assert "Parameter" in reasons and counters["stats"]["unique_graphs"] >= 1, dict(counters["graph_break"])
