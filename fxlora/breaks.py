@@ -13,7 +13,6 @@ break, to the "fxlora" logger at INFO; fxlora/accounting.py ties them to the lay
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import weakref
@@ -23,7 +22,7 @@ import torch
 
 from fxlora.logs import log_break
 from fxlora.report import GraphBreak, record_break
-from fxlora.tracing import FXLORA_MARK, frame_module, fxlora_options, skips_checkpoint_side_effects
+from fxlora.tracing import frame_module, fxlora_options, skips_checkpoint_side_effects, wrap_once
 
 log = logging.getLogger("fxlora")
 
@@ -39,23 +38,17 @@ def install_break_records() -> bool:
         from torch._dynamo.symbolic_convert import InstructionTranslatorBase
     except ImportError:
         return False
-    original = getattr(InstructionTranslatorBase, "log_graph_break", None)
-    if original is None:
-        return False
-    if getattr(original, FXLORA_MARK, False):
-        return True
 
-    @functools.wraps(original)
-    def log_graph_break(self, *args, **kwargs):
-        try:
-            _record(self, *args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - a report is never why tracing fails
-            log.debug("fxlora: could not record a graph break (%s: %s)", type(err).__name__, err)
-        return original(self, *args, **kwargs)
+    def make(original):
+        def log_graph_break(self, *args, **kwargs):
+            try:
+                _record(self, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - a report is never why tracing fails
+                log.debug("fxlora: could not record a graph break (%s: %s)", type(err).__name__, err)
+            return original(self, *args, **kwargs)
+        return log_graph_break
 
-    setattr(log_graph_break, FXLORA_MARK, True)
-    InstructionTranslatorBase.log_graph_break = log_graph_break
-    return True
+    return wrap_once(InstructionTranslatorBase, "log_graph_break", make)
 
 
 @contextlib.contextmanager

@@ -38,8 +38,9 @@ returns); every gradient that reaches the model's parameters is the same.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fxlora.config import Config
 
@@ -86,6 +87,23 @@ def skips_checkpoint_side_effects(compiler_fn: Any) -> bool:
         return False
 
 
+def wrap_once(owner: type, attr: str, make: Callable[[Callable], Callable]) -> bool:
+    """Replace the method `owner.attr` by `make(original)`, once: the wrapper carries FXLORA_MARK,
+    so installing again is a no-op; a classmethod stays one. False when this torch has no such
+    method (the caller's feature then stays off)."""
+    descriptor = inspect.getattr_static(owner, attr, None)
+    if descriptor is None:
+        return False
+    classmethod_ = isinstance(descriptor, classmethod)
+    original = descriptor.__func__ if classmethod_ else getattr(owner, attr)
+    if getattr(original, FXLORA_MARK, False):
+        return True
+    wrapper = functools.wraps(original)(make(original))
+    setattr(wrapper, FXLORA_MARK, True)
+    setattr(owner, attr, classmethod(wrapper) if classmethod_ else wrapper)
+    return True
+
+
 def install_checkpoint_side_effects() -> bool:
     """Let checkpointed regions traced for fxlora keep their side effects (idempotent).
     False when this torch has no such hook (the report then names the graph break instead)."""
@@ -93,21 +111,17 @@ def install_checkpoint_side_effects() -> bool:
         from torch._dynamo.variables.higher_order_ops import CheckpointHigherOrderVariable
     except ImportError:
         return False
-    original = getattr(CheckpointHigherOrderVariable, "_call_function", None)
-    if original is None or not hasattr(CheckpointHigherOrderVariable, "allow_side_effects"):
+    if not hasattr(CheckpointHigherOrderVariable, "allow_side_effects"):
         return False
-    if getattr(original, FXLORA_MARK, False):
-        return True
 
-    @functools.wraps(original)
-    def _call_function(self, tx, args, kwargs):
-        if not self.allow_side_effects and skips_checkpoint_side_effects(_compiler_fn(tx)):
-            self.allow_side_effects = True
-        return original(self, tx, args, kwargs)
+    def make(original):
+        def _call_function(self, tx, args, kwargs):
+            if not self.allow_side_effects and skips_checkpoint_side_effects(_compiler_fn(tx)):
+                self.allow_side_effects = True
+            return original(self, tx, args, kwargs)
+        return _call_function
 
-    setattr(_call_function, FXLORA_MARK, True)
-    CheckpointHigherOrderVariable._call_function = _call_function
-    return True
+    return wrap_once(CheckpointHigherOrderVariable, "_call_function", make)
 
 
 CLASS_NAMES = ("__module__", "__name__", "__qualname__")
@@ -122,48 +136,35 @@ def install_class_name_constants() -> bool:
         from torch._dynamo.variables.torch import BaseTorchVariable
     except ImportError:
         return False
-    original = getattr(GetAttrBuiltinVariable, "_call_getattr", None)
-    if original is None:
-        return False
-    if getattr(original, FXLORA_MARK, False):
-        return True
 
-    @functools.wraps(original)
-    def _call_getattr(self, tx, args, kwargs):
-        if len(args) == 2 and isinstance(args[0], BaseTorchVariable) and isinstance(args[0].value, type):
-            name = args[1].as_python_constant() if args[1].is_python_constant() else None
-            if name in CLASS_NAMES and fxlora_options(_compiler_fn(tx))[0]:
-                return ConstantVariable.create(getattr(args[0].value, name))
-        return original(self, tx, args, kwargs)
+    def make(original):
+        def _call_getattr(self, tx, args, kwargs):
+            if len(args) == 2 and isinstance(args[0], BaseTorchVariable) and isinstance(args[0].value, type):
+                name = args[1].as_python_constant() if args[1].is_python_constant() else None
+                if name in CLASS_NAMES and fxlora_options(_compiler_fn(tx))[0]:
+                    return ConstantVariable.create(getattr(args[0].value, name))
+            return original(self, tx, args, kwargs)
+        return _call_getattr
 
-    setattr(_call_getattr, FXLORA_MARK, True)
-    GetAttrBuiltinVariable._call_getattr = _call_getattr
-    return True
+    return wrap_once(GetAttrBuiltinVariable, "_call_getattr", make)
 
 
 def install_forward_parameters() -> bool:
-    """Let fxlora's compiles trace `nn.Parameter(frozen tensor)` inside forward as the tensor (idempotent)."""
+    """Let fxlora's compiles trace `nn.Parameter(frozen weight's view)` inside forward as the view (idempotent)."""
     try:
         from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
     except ImportError:
         return False
-    original = getattr(TorchInGraphFunctionVariable, "call_nn_parameter", None)
-    if original is None:
-        return False
-    if getattr(original, FXLORA_MARK, False):
-        return True
-    wrapped = original.__func__
 
-    @functools.wraps(wrapped)
-    def call_nn_parameter(cls, tx, data=None, requires_grad=True):
-        if data is not None and data.is_tensor() and not data.source and fxlora_options(_compiler_fn(tx))[0]:
-            if _frozen_input_view(data.as_proxy().node):
-                return data
-        return wrapped(cls, tx, data, requires_grad)
+    def make(original):
+        def call_nn_parameter(cls, tx, data=None, requires_grad=True):
+            if data is not None and data.is_tensor() and not data.source and fxlora_options(_compiler_fn(tx))[0]:
+                if _frozen_input_view(data.as_proxy().node):
+                    return data
+            return original(cls, tx, data, requires_grad)
+        return call_nn_parameter
 
-    setattr(call_nn_parameter, FXLORA_MARK, True)
-    TorchInGraphFunctionVariable.call_nn_parameter = classmethod(call_nn_parameter)
-    return True
+    return wrap_once(TorchInGraphFunctionVariable, "call_nn_parameter", make)
 
 
 _VIEWS = ("t", "T", "mT", "transpose", "permute", "view", "reshape", "to", "float", "contiguous", "detach")

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fxlora.graph.read import value
+from fxlora.graph.read import scale_tensor_source, value
 
 
 @contextlib.contextmanager
@@ -122,3 +122,12 @@ def erase_dead(nodes: Iterable) -> None:
     for node in nodes:
         if isinstance(node, fx.Node) and not node.users:
             node.graph.erase_node(node)
+
+
+def scale_node(graph: fx.Graph, scale) -> fx.Node:
+    """The scale as fxlora's ops take it (inserted at the graph's insert point): a 0-d tensor; a
+    Python float would become a guard."""
+    node = scale_tensor_source(scale)
+    if node is None:
+        return graph.call_function(torch.tensor, (float(scale),), {"dtype": torch.float32})
+    return graph.call_method("reshape", (node, ())) if value(node).dim() > 0 else node

@@ -261,3 +261,27 @@ def parameter_inputs(gm: fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]
             found.append((_source_name(node) or node.name, real))
     found += [(name, p) for name, p in gm.named_parameters()]
     return found
+
+
+def scale_tensor_source(scale) -> Optional[fx.Node]:
+    """A tensor node carrying the scale: a 1-element tensor, or the tensor a SymFloat was `.item()`ed from."""
+    if not isinstance(scale, fx.Node):
+        return None
+    v = value(scale)
+    if isinstance(v, torch.Tensor):
+        return scale
+    if scale.op == "call_method" and scale.target == "item":
+        return scale.args[0]
+    return None
+
+
+def previous_output(node: fx.Node, op: Any, index: int) -> Optional[fx.Node]:
+    """The last `op(...)[index]` before `node` in the graph, if any: the mask record of the previous
+    rewritten site that drew one (sites chain their draws so they run in program order)."""
+    cursor = node.prev
+    while cursor.op != "root":
+        if cursor.op == "call_function" and cursor.target is operator.getitem and cursor.args[1] == index and \
+                getattr(cursor.args[0], "target", None) is op:
+            return cursor
+        cursor = cursor.prev
+    return None

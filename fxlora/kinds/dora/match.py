@@ -28,10 +28,10 @@ import torch.fx as fx
 
 from fxlora.graph.prove import NotASite, check_base, prove_each
 from fxlora.graph.read import (
-    ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, VIEW_METHODS, arg, autocast_state, is_call,
+    ADD_TARGETS, CAST_METHODS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, VIEW_METHODS, arg, autocast_state, is_call,
     is_method, is_tensor_input, linear_layer, module_path, requires_grad, strip_casts, value,
 )
-from fxlora.kinds.base import Match, Size
+from fxlora.kinds.base import Match, Size, group_by_input
 
 NORM_TARGETS = tuple(t for t in (torch.linalg.norm, torch.linalg.vector_norm, torch.norm,
                                  getattr(torch._C._linalg, "linalg_norm", None),
@@ -92,12 +92,7 @@ def find(gm: fx.GraphModule) -> Match:
     sites = []
     for norm, (variant, nodes, kind) in prove_each(norms, _prove, "DoRA: ", rejections):
         sites.append(_describe(len(sites), norm, variant, nodes, kind, autocast.get(nodes.out)))
-    groups: dict = {}
-    for site in sites:
-        groups.setdefault(site.nodes.x, []).append(site)
-    for group_id, members in enumerate(groups.values()):
-        for site in members:
-            site.input_group, site.shared_x = group_id, len(members)
+    group_by_input(sites)
     return Match(sites, rejections)
 
 
@@ -119,13 +114,11 @@ def _dropout_p(d: fx.Node) -> Optional[float]:
     return float(p) if isinstance(p, numbers.Number) else None
 
 
-def _through(node: fx.Node, methods=DETACH + ("to", "float", "half", "bfloat16", "type")) -> tuple[fx.Node, list]:
-    """Follow detaches and casts back from `node`; (the tensor they read, whether a detach was passed)."""
-    seen = []
+def _through(node: fx.Node, methods=DETACH + CAST_METHODS) -> fx.Node:
+    """Follow detaches and casts back from `node` to the tensor they read."""
     while is_method(node, methods) or is_call(node, (torch.detach,)):
-        seen.append(node)
         node = node.args[0]
-    return node, seen
+    return node
 
 
 def _one_user(node: fx.Node, what: str) -> fx.Node:
@@ -134,14 +127,13 @@ def _one_user(node: fx.Node, what: str) -> fx.Node:
     return next(iter(node.users))
 
 
-def _scaled_product(S: fx.Node) -> Optional[tuple[fx.Node, fx.Node, Any, bool]]:
-    """(A, B, s, detached) when S = s * (B A) (canonical `linear(B, t(A))`), through detaches and casts."""
+def _scaled_product(S: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float]]:
+    """(A, B, s) when S = s * (B A) (canonical `linear(B, t(A))`), through detaches and casts; whether
+    the norm is a constant for autograd is read from its value (`_prove`), not from the detaches."""
     scale: Any = 1.0
-    detached = False
     node = S
     while True:
-        node, passed = _through(node)
-        detached |= any(is_method(p, DETACH) or is_call(p, (torch.detach,)) for p in passed)
+        node = _through(node)
         if is_call(node, MUL_TARGETS) and len(node.args) == 2:
             a, b = node.args
             num, other = (b, a) if not isinstance(b, fx.Node) else (a, b) if not isinstance(a, fx.Node) else (None, None)
@@ -155,7 +147,7 @@ def _scaled_product(S: fx.Node) -> Optional[tuple[fx.Node, fx.Node, Any, bool]]:
     B, A = node.args[0], node.args[1].args[0]
     if not (is_tensor_input(A) and is_tensor_input(B) and value(A).dim() == 2 and value(B).dim() == 2):
         return None
-    return A, B, scale, detached
+    return A, B, scale
 
 
 def _prove(norm: fx.Node):
@@ -173,15 +165,15 @@ def _prove(norm: fx.Node):
             break
     else:
         return None
-    A, B, s, _ = product
-    W, _ = _through(Wv, ("to", "float", "half", "bfloat16", "type"))
+    A, B, s = product
+    W = _through(Wv, CAST_METHODS)
     W_rows = W
     if is_method(W, ("t",)):
         W = W.args[0]
     if not is_tensor_input(W):
         return None
     # The norm must be a constant for autograd (Sec. 4.3): detached, or built from nothing trainable.
-    n, _ = _through_users(norm)
+    n = _through_users(norm)
     if requires_grad(n):
         raise NotASite("the norm ||W + s B A|| is not detached: gradients flow through it (DoRA's Sec. 4.3 "
                        "detaches it, PEFT and torchtune do; fxlora's forms assume a constant norm)")
@@ -205,12 +197,11 @@ def _conv_dora_norm(total: Any) -> bool:
         isinstance(a, fx.Node) and any(is_method(p, DETACH) for p in [a, *a.all_input_nodes]) for a in total.args)
 
 
-def _through_users(node: fx.Node) -> tuple[fx.Node, list]:
-    passed = []
+def _through_users(node: fx.Node) -> fx.Node:
+    """Follow `node`'s single users through detaches and casts: the norm as the division reads it."""
     while len(node.users) == 1 and (is_method(u := next(iter(node.users)), DETACH + ("to",)) or is_call(u, (torch.detach,))):
-        passed.append(u)
         node = u
-    return node, passed
+    return node
 
 
 def _prove_combination(c, W, W_rows, A, B, s, m):

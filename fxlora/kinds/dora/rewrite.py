@@ -13,8 +13,8 @@ import torch
 import torch.fx as fx
 
 from fxlora.cost.core import PricedForm
-from fxlora.graph.edit import erase_dead, inserting_before, replace_output
-from fxlora.graph.read import value
+from fxlora.graph.edit import erase_dead, inserting_before, replace_output, scale_node
+from fxlora.graph.read import previous_output
 from fxlora.kinds.dora.match import DoraSite
 from fxlora.ops import dora as _dora_ops, lora as _lora_ops  # noqa: F401  (register torch.ops.fxlora.*)
 
@@ -23,23 +23,12 @@ LINEAR = torch._C._nn.linear
 
 def rewrite(gm: fx.GraphModule, chosen: list[tuple[DoraSite, PricedForm]]) -> None:
     """In graph order; sites that draw their own masks chain them (program order, as eager draws)."""
-    last_draw = _previous_draw(chosen[0][0].nodes.out) if chosen else None
+    last_draw = previous_output(chosen[0][0].nodes.out, torch.ops.fxlora.dora_dropped_linear.default, 2) if chosen else None
     for site, priced in chosen:
         if priced.form.spec.sparse:
             last_draw = _replace_sparse(site, priced.form.spec, last_draw)
         else:
             _replace(site, priced.form.spec)
-
-
-def _previous_draw(node: fx.Node):
-    """The mask (output 2) of the last rewritten sparse-mask site before `node`, if any."""
-    cursor = node.prev
-    while cursor.op != "root":
-        if cursor.op == "call_function" and cursor.target is operator.getitem and cursor.args[1] == 2 and \
-                getattr(cursor.args[0], "target", None) is torch.ops.fxlora.dora_dropped_linear.default:
-            return cursor
-        cursor = cursor.prev
-    return None
 
 
 def _replace_sparse(site: DoraSite, spec, last_draw):
@@ -50,7 +39,7 @@ def _replace_sparse(site: DoraSite, spec, last_draw):
     with inserting_before(n.out) as inserted:
         op = graph.call_function(
             torch.ops.fxlora.dora_dropped_linear.default,
-            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), n.scale_c, float(site.dropout_p),
+            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, scale_node(graph, n.scale), n.scale_c, float(site.dropout_p),
              site.base_kind == "conv1d"),
             {**({"fast_rng": True} if spec.fast_rng else {}), **({"after": last_draw} if last_draw is not None else {})})
         y = graph.call_function(operator.getitem, (op, 0))
@@ -60,13 +49,6 @@ def _replace_sparse(site: DoraSite, spec, last_draw):
     return draw
 
 
-def _scale_node(graph: fx.Graph, scale) -> fx.Node:
-    """The scale as the op takes it: a 0-d tensor (a Python float would become a guard)."""
-    if isinstance(scale, fx.Node):
-        return graph.call_method("reshape", (scale, ())) if value(scale).dim() > 0 else scale
-    return graph.call_function(torch.tensor, (float(scale),), {"dtype": torch.float32})
-
-
 def _replace(site: DoraSite, spec) -> None:
     n = site.nodes
     graph = n.out.graph
@@ -74,7 +56,7 @@ def _replace(site: DoraSite, spec) -> None:
     conv1d = site.base_kind == "conv1d"
     save_xa = not site.a_trainable and site.b_trainable
     with inserting_before(n.out) as inserted:
-        scale = _scale_node(graph, n.scale)
+        scale = scale_node(graph, n.scale)
         flags = {}
         if site.variant == "scaled_bias":  # y = c * (x W^T + b + s B A u)
             x_op, bias = n.x, n.bias

@@ -9,12 +9,12 @@ import torch
 
 from fxlora.config import Config
 from fxlora.cost.guards import size_expr, tokens_expr
-from fxlora.graph.read import describe_size, dtype_name, needs_grad, value
+from fxlora.graph.read import describe_size, dtype_name, needs_grad, scale_tensor_source, value
 from fxlora.kinds.base import Kind, Match
 from fxlora.kinds.lora import forms as _forms
 from fxlora.kinds.lora.forms import LoraShape, peft_saved_bytes
 from fxlora.kinds.lora.match import LoraSite, find
-from fxlora.kinds.lora.rewrite import rewrite, scale_tensor_source
+from fxlora.kinds.lora.rewrite import rewrite
 from fxlora.kinds.lora.timing import time_case
 from fxlora.kinds.lora.velora import velora_forms
 

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 
 from fxlora.cost.core import PricedForm
-from fxlora.graph.edit import erase_dead, inserting_before, replace_output
-from fxlora.graph.read import value
+from fxlora.graph.edit import erase_dead, inserting_before, replace_output, scale_node
+from fxlora.graph.read import previous_output, value
 from fxlora.kinds.lora.forms import LoraSpec
 from fxlora.kinds.lora.match import LoraNodes, LoraSite
 from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (register torch.ops.fxlora.*)
@@ -23,43 +23,12 @@ from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (
 
 def rewrite(gm: fx.GraphModule, chosen: list[tuple[LoraSite, PricedForm]]) -> None:
     """Rewrite the sites in graph order; dropout sites chain their RNG draws (program order)."""
-    last_draw = _previous_draw(chosen[0][0].nodes.add) if chosen else None  # RNG output of the previous dropout site
+    last_draw = previous_output(chosen[0][0].nodes.add, torch.ops.fxlora.lora_linear.default, 2) if chosen else None  # RNG output of the previous dropout site
     for site, priced in chosen:
         if priced.form.lossy:
             _replace_velora(gm, site, priced.form.spec)
         else:
             last_draw = _replace_exact(site, priced.form.spec, last_draw)
-
-
-def _previous_draw(node: fx.Node) -> Optional[fx.Node]:
-    """The mask record (output 2) of the last rewritten dropout site before `node`, if any."""
-    cursor = node.prev
-    while cursor.op != "root":
-        if cursor.op == "call_function" and cursor.target is operator.getitem and cursor.args[1] == 2 and \
-                getattr(cursor.args[0], "target", None) is torch.ops.fxlora.lora_linear.default:
-            return cursor
-        cursor = cursor.prev
-    return None
-
-
-def scale_tensor_source(scale) -> Optional[fx.Node]:
-    """A tensor node carrying the scale: a 1-element tensor, or the tensor a SymFloat was `.item()`ed from."""
-    if not isinstance(scale, fx.Node):
-        return None
-    v = value(scale)
-    if isinstance(v, torch.Tensor):
-        return scale
-    if scale.op == "call_method" and scale.target == "item":
-        return scale.args[0]
-    return None
-
-
-def _scale_node(graph: fx.Graph, scale) -> fx.Node:
-    """The scale as the ops take it: a 0-d tensor (a Python float would become a guard)."""
-    node = scale_tensor_source(scale)
-    if node is None:
-        return graph.call_function(torch.tensor, (float(scale),), {"dtype": torch.float32})
-    return graph.call_method("reshape", (node, ())) if value(node).dim() > 0 else node
 
 
 def op_arguments(site: LoraSite, spec: LoraSpec) -> tuple[tuple, dict]:
@@ -89,7 +58,7 @@ def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node])
             flags["seed"] = graph.call_function(torch.randint, (0, 2**62, ()), {"dtype": torch.int64})
         op = graph.call_function(
             torch.ops.fxlora.lora_linear.default,
-            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), *positional),
+            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, scale_node(graph, n.scale), *positional),
             {**({"after": last_draw} if draws and last_draw is not None else {}), **flags},
         )
         y = graph.call_function(operator.getitem, (op, 0))
@@ -114,7 +83,7 @@ def _replace_velora(gm: fx.GraphModule, site: LoraSite, v: torch.Tensor) -> None
             v_node.meta["example_value"] = fake_mode.from_tensor(v)
         op = graph.call_function(
             torch.ops.fxlora.velora_linear.default,
-            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, _scale_node(graph, n.scale), v_node, site.compute_dtype,
+            (n.x, n.weight, n.bias, n.lora_A, n.lora_B, scale_node(graph, n.scale), v_node, site.compute_dtype,
              value(n.xab).dtype, site.base_kind == "conv1d", site.b_trainable),
         )
         y = graph.call_function(operator.getitem, (op, 0))
