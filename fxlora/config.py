@@ -71,6 +71,10 @@ class Config:
         effects once in forward, not again in the recompute (fxlora/tracing.py,
         docs/checkpointing.md; gradients are exact). False: Dynamo's default, a graph break
         that runs each such layer uncompiled (the report names it).
+    group_shared_input: True (default): LoRA sites that read the same x (q/k/v, gate/up) and
+        have no dropout run as one op (`fxlora::lora_group_linear`): their rank-r GEMMs over x and
+        their dX GEMMs are shared, each site keeps the form chosen for it. Exact. False: one op
+        per site (for comparison; docs/lora-rewrite.md).
     in_checkpoint: set by fxlora itself on the body of an activation-checkpointed region
         (fxlora/checkpoint.py), whose forward runs again in backward; not a user option.
     """
@@ -89,6 +93,7 @@ class Config:
     compress: Optional[Mapping[str, Any]] = None
     form_guards: bool = False
     skip_checkpoint_side_effects: bool = True
+    group_shared_input: bool = True
     in_checkpoint: bool = False
 
     def __post_init__(self):
@@ -104,7 +109,8 @@ class Config:
                 "allowed: any key of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')"
             )
         object.__setattr__(self, "inductor", types.MappingProxyType(dict(self.inductor)))
-        for flag in ("rewrite", "rematerialize", "verify", "form_guards", "skip_checkpoint_side_effects", "in_checkpoint"):
+        for flag in ("rewrite", "rematerialize", "verify", "form_guards", "skip_checkpoint_side_effects",
+                     "group_shared_input", "in_checkpoint"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"fxlora option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("objective", self.objective, OBJECTIVES)

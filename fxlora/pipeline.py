@@ -74,7 +74,11 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
         result = KindResult(kind, match, decisions,
                             {s.index: sorted(rules) for s in match.sites if (rules := site_rules(s))})
         chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
-        for index, why in rewrite_each(gm, kind, chosen, owner).items():
+        units, notes = kind.group(chosen, config) if kind.group and chosen else ([[c] for c in chosen], {})
+        failed = rewrite_each(gm, kind, units, owner, notes)
+        for index, note in notes.items():
+            result.decisions[index].reason += f"; {note}"
+        for index, why in failed.items():
             decision = result.decisions[index]
             decision.chosen, decision.reason = None, why
         results.append(result)
@@ -83,26 +87,38 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
     return results
 
 
-def rewrite_each(gm: fx.GraphModule, kind: Kind, chosen: list, owner: dict) -> dict[int, str]:
-    """Rewrite one kind's chosen sites one by one, in graph order; a site whose rewrite raises is
-    left as traced and the others are rewritten without it. Returns {site index: why it failed}.
+def rewrite_each(gm: fx.GraphModule, kind: Kind, units: list[list], owner: dict, notes: dict) -> dict[int, str]:
+    """Rewrite one kind's chosen sites unit by unit (a site, or a group the kind formed), in graph
+    order; a site whose rewrite raises is left as traced and the others are rewritten without it;
+    a group whose rewrite raises is split into its sites (`notes` says why). Returns
+    {site index: why it failed}.
 
     A site may read an earlier site's output (chained sites): its nodes are looked up again
     through the replacement the earlier rewrite recorded (graph/edit.py `remap_nodes`). After a
     failure the graph as it was before this kind is restored and the rewrite starts over."""
     failed: dict[int, str] = {}
+    units = [list(u) for u in units]
     moved: dict[fx.Node, fx.Node] = {}  # node the sites were found with -> its copy in the restored graph
-    while chosen:
+    while units:
         backup, copies = copy_graph(gm)
         try:
-            for site, form in chosen:
-                if site.index in failed:
+            for j, unit in enumerate(units):
+                live = [(site, form) for site, form in unit if site.index not in failed]
+                if not live:
                     continue
                 try:
-                    kind.rewrite_sites(gm, [(dataclasses.replace(site, nodes=remap_nodes(site.nodes, moved)), form)])
+                    kind.rewrite_sites(gm, [(dataclasses.replace(site, nodes=remap_nodes(site.nodes, moved)), form)
+                                            for site, form in live])
                     gm.graph.lint()
-                except Exception as err:  # noqa: BLE001 - costs this site only
-                    failed[site.index] = f"rewrite failed ({type(err).__name__}: {err}); left as traced"
+                except Exception as err:  # noqa: BLE001 - costs this site (or this group's sharing) only
+                    why = f"{type(err).__name__}: {err}"
+                    if len(live) > 1:
+                        units[j:j + 1] = [[c] for c in live]
+                        for site, _ in live:
+                            notes[site.index] = f"rewritten alone: its group's op failed ({why})"
+                    else:
+                        failed[live[0][0].index] = f"rewrite failed ({why}); left as traced"
+                        notes.pop(live[0][0].index, None)
                     raise
         except Exception:  # noqa: BLE001 - start over from the restored graph, without the failed site
             found_with = set(moved) | set(copies)

@@ -81,7 +81,7 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
     if name == FLOOR:
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # something must need grad for backward to run
-    elif name in FA_PEERS or name.startswith("fxlora-"):  # the opt-in forms are LoRA's, whatever the adapter
+    elif name in FA_PEERS or (name.startswith("fxlora-") and name != "fxlora-ungrouped"):  # the opt-in forms are LoRA's, whatever the adapter
         model = _add_lora(model, case, settings)
         if "velora" in name:  # v from the batch every step sees (deterministic from the seed)
             fxlora.velora.prepare(model, token_batch(s.batch, case.seq, s.vocab, settings.seed), VELORA_BENCH)
@@ -147,6 +147,8 @@ def compile_for(name: str, model: nn.Module, settings: Settings) -> nn.Module:
         options = fxlora_options(settings)
         if "velora" in name:
             options["compress"] = VELORA_BENCH
+        if name == "fxlora-ungrouped":
+            options["group_shared_input"] = False
         return torch.compile(model, backend="fxlora", options=options)
     if settings.inner == "aot_eager":
         return torch.compile(model, backend="aot_eager")

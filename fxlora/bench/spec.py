@@ -15,7 +15,8 @@ CONTESTANTS = (FLOOR, *PEERS, "fxlora")
 # Opt-in forms (docs/lossy.md). `variants` turns the fxlora contestant into one per variant
 # ("fxlora" = exact, "fxlora-<variant>" otherwise); a LoRA-FA variant brings PEFT with every
 # A frozen, eager and Inductor: the honest peer, since autograd then keeps only x A^T too.
-VARIANTS = ("exact", "lora-fa", "velora", "lora-fa+velora")
+# "ungrouped": exact, one op per site (group_shared_input=False), the before of shared-input groups.
+VARIANTS = ("exact", "lora-fa", "velora", "lora-fa+velora", "ungrouped")
 FA_PEERS = ("peft-fa-eager", "peft-fa-inductor")
 VARIANT_CONTESTANTS = tuple("fxlora" if v == "exact" else f"fxlora-{v}" for v in VARIANTS)
 LORA_REFERENCE = "fxlora-lora"  # --adapter dora: fxlora on the same model with plain LoRA, the cost DoRA should match

@@ -79,6 +79,9 @@ class Kind:
     draws_random: Callable[[Any, Any], bool] = lambda site, config: False  # (site, config): its form draws random numbers
     # (site, shape, form, at_hints) -> a fxlora.cost.timing.TimingCase, for objective "time"; None: not timed
     time_case: Optional[Callable[[Any, Any, Any, Callable], Any]] = None
+    # (chosen [(site, PricedForm)], config) -> (units, notes): lists of sites rewritten as one op
+    # (in graph order, every chosen site in exactly one) and a note per site on its unit; None: one per site
+    group: Optional[Callable[[list, Any], tuple[list[list], dict[int, str]]]] = None
 
 
 # --- sites on one frozen layer: IA3, VeRA, ReFT -------------------------------------------

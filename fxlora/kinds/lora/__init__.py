@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fxlora.config import Config
@@ -13,6 +15,7 @@ from fxlora.graph.read import describe_size, dtype_name, needs_grad, scale_tenso
 from fxlora.kinds.base import Kind, Match
 from fxlora.kinds.lora import forms as _forms
 from fxlora.kinds.lora.forms import LoraShape, peft_saved_bytes
+from fxlora.kinds.lora.group import group_sites, joins_group, why_not_groupable
 from fxlora.kinds.lora.match import LoraSite, find
 from fxlora.kinds.lora.rewrite import rewrite
 from fxlora.kinds.lora.timing import time_case
@@ -61,7 +64,13 @@ def site_forms(site: LoraSite, shape: LoraShape, config: Config):
     lossy, note = velora_forms(site, shape, config)
     if shape.dropout and not shape.eager_masks:
         note = f"{note}; {FAST_MASKS}" if note else FAST_MASKS
-    return [*_forms.candidate_forms(shape), *lossy], note
+    exact = _forms.candidate_forms(shape)
+    if config.group_shared_input and not config.force_form and not why_not_groupable(site):
+        # one op with the sites sharing x saves more than any bracketing that would keep it alone
+        exact = [f if joins_group(site, f) or not f.legal else dataclasses.replace(
+            f, legal=False, why_not=f"x shared with {site.shared_x - 1} other site(s): backward {f.spec.backward} "
+            "would keep it out of their one op (group.py)") for f in exact]
+    return [*exact, *lossy], note
 
 
 def forced(config: Config):
@@ -113,5 +122,5 @@ KIND = Kind(
              "x shared with"),
     flop_budget=True, find=find, why_not=why_not, shape=shape, site_forms=site_forms,
     peft_saved_bytes=peft_saved_bytes, forced=forced, rewrite_sites=rewrite, owned=owned, row=row,
-    describe_shape=describe_shape, time_case=time_case,
+    describe_shape=describe_shape, time_case=time_case, group=group_sites,
 )

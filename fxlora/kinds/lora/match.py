@@ -38,7 +38,7 @@ from fxlora.graph.read import (
     strip_casts,
     value,
 )
-from fxlora.kinds.base import Match, Size
+from fxlora.kinds.base import Match, Size, group_by_input
 
 @dataclass
 class LoraNodes:
@@ -86,6 +86,7 @@ class LoraSite:
     scaling: str  # "2.0", or the node that carries a tensor/symbolic scale
     stacked: int  # 0 for the first adapter on a base layer, 1 for the next...
     input_group: int = -1  # sites with the same x share a group id
+    shared_x: int = 1  # how many sites read the same x
     nodes: LoraNodes = field(repr=False, default=None)
 
     kind = "lora"
@@ -110,12 +111,7 @@ def find(gm: fx.GraphModule) -> Match:
         sites.append(_describe(len(sites), nodes, base_kind, stacked, autocast.get(nodes.add)))
     rejections.extend(_unsupported_layer_adapters(graph))
 
-    groups: dict[fx.Node, list[LoraSite]] = {}
-    for site in sites:
-        groups.setdefault(site.nodes.x, []).append(site)
-    for group_id, members in enumerate(groups.values()):
-        for site in members:
-            site.input_group = group_id
+    group_by_input(sites)
 
     adapter_weights = {n for s in sites for n in (s.nodes.lora_A, s.nodes.lora_B)}
     linears = sum(

@@ -18,11 +18,16 @@ from fxlora.graph.edit import erase_dead, inserting_before, replace_output, scal
 from fxlora.graph.read import previous_output, value
 from fxlora.kinds.lora.forms import LoraSpec
 from fxlora.kinds.lora.match import LoraNodes, LoraSite
-from fxlora.ops import lora as _lora_ops, velora as _velora_ops  # noqa: F401  (register torch.ops.fxlora.*)
+from fxlora.ops import lora as _lora_ops, lora_group as _group_ops, velora as _velora_ops  # noqa: F401  (register torch.ops.fxlora.*)
+from fxlora.ops.lora import MERGED_DX, BACKWARD_FORMS
 
 
 def rewrite(gm: fx.GraphModule, chosen: list[tuple[LoraSite, PricedForm]]) -> None:
-    """Rewrite the sites in graph order; dropout sites chain their RNG draws (program order)."""
+    """Rewrite the sites in graph order; dropout sites chain their RNG draws (program order).
+    Two or more sites handed over together are a group (group.py): one op."""
+    if len(chosen) > 1 and all(site.nodes.x is chosen[0][0].nodes.x for site, _ in chosen):
+        _replace_group(chosen)
+        return
     last_draw = previous_output(chosen[0][0].nodes.add, torch.ops.fxlora.lora_linear.default, 2) if chosen else None  # RNG output of the previous dropout site
     for site, priced in chosen:
         if priced.form.lossy:
@@ -66,6 +71,32 @@ def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node])
             last_draw = graph.call_function(operator.getitem, (op, 2))
     _swap(n, y, inserted)
     return last_draw
+
+
+def _replace_group(chosen: list[tuple[LoraSite, PricedForm]]) -> None:
+    """`fxlora::lora_group_linear` before the group's first output; each site's output is its y."""
+    sites = [site for site, _ in chosen]
+    specs = [priced.form.spec for _, priced in chosen]
+    graph = sites[0].nodes.add.graph
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    first = min((s.nodes.add for s in sites), key=order.__getitem__)
+    with inserting_before(first) as inserted:
+        op = graph.call_function(torch.ops.fxlora.lora_group_linear.default, (
+            sites[0].nodes.x,
+            [s.nodes.weight for s in sites],
+            [s.nodes.bias for s in sites if s.nodes.bias is not None],
+            [s.nodes.lora_A for s in sites],
+            [s.nodes.lora_B for s in sites],
+            [scale_node(graph, s.nodes.scale) for s in sites],
+            sites[0].compute_dtype,
+            [spec.forward for spec in specs],
+            [BACKWARD_FORMS[spec.backward][2] in MERGED_DX for spec in specs],
+            [s.base_kind == "conv1d" for s in sites],
+            [s.nodes.bias is not None for s in sites],
+        ))
+        ys = [graph.call_function(operator.getitem, (op, k)) for k in range(len(sites))]
+    for site, y in zip(sites, ys):
+        _swap(site.nodes, y, inserted)
 
 
 def _replace_velora(gm: fx.GraphModule, site: LoraSite, v: torch.Tensor) -> None:
