@@ -108,7 +108,10 @@ def fxlora_op_sites(graph: fx.Graph) -> list[str]:
     calls = []
     for node in graph.nodes:
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxlora":
-            # the rewrite gives the op's result (a getitem) the site's metadata
+            # the rewrite gives the op's result (a getitem) the site's metadata; a group op has one per site
+            if node.target._opname == "lora_group_linear":
+                calls += [module_path(user) or user.name for user in sorted(node.users, key=lambda u: u.args[1])]
+                continue
             where = next(filter(None, (module_path(user) for user in node.users)), None) or node.name
             calls.append(where if node.target._opname == "lora_linear" else f"{where} ({node.target._opname})")
     return calls

@@ -75,9 +75,12 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
                             {s.index: sorted(rules) for s in match.sites if (rules := site_rules(s))})
         chosen = [(site, d.chosen) for site, d in zip(match.sites, result.decisions) if d.rewritten]
         units, notes = kind.group(chosen, config) if kind.group and chosen else ([[c] for c in chosen], {})
-        failed = rewrite_each(gm, kind, units, owner, notes)
+        failed, units = rewrite_each(gm, kind, units, owner, notes)
         for index, note in notes.items():
             result.decisions[index].reason += f"; {note}"
+        for unit in (u for u in units if len(u) > 1):
+            for site, _ in unit:
+                result.decisions[site.index].unit = tuple(s.index for s, _ in unit)
         for index, why in failed.items():
             decision = result.decisions[index]
             decision.chosen, decision.reason = None, why
@@ -87,11 +90,12 @@ def run_kinds(gm: fx.GraphModule, config: Config, kinds: Sequence[Kind] = KINDS,
     return results
 
 
-def rewrite_each(gm: fx.GraphModule, kind: Kind, units: list[list], owner: dict, notes: dict) -> dict[int, str]:
+def rewrite_each(gm: fx.GraphModule, kind: Kind, units: list[list], owner: dict,
+                 notes: dict) -> tuple[dict[int, str], list[list]]:
     """Rewrite one kind's chosen sites unit by unit (a site, or a group the kind formed), in graph
     order; a site whose rewrite raises is left as traced and the others are rewritten without it;
     a group whose rewrite raises is split into its sites (`notes` says why). Returns
-    {site index: why it failed}.
+    ({site index: why it failed}, the units as rewritten).
 
     A site may read an earlier site's output (chained sites): its nodes are looked up again
     through the replacement the earlier rewrite recorded (graph/edit.py `remap_nodes`). After a
@@ -128,7 +132,7 @@ def rewrite_each(gm: fx.GraphModule, kind: Kind, units: list[list], owner: dict,
                 owner[moved[node]] = owner.pop(node)
             continue
         break
-    return failed
+    return failed, units
 
 
 def count(results: Sequence[KindResult], ran: bool = True) -> None:

@@ -26,6 +26,7 @@ class Measurement:
     peak_bytes: Optional[int] = None  # CUDA only: max allocated during the saved-bytes step
     fxlora_sites: Optional[int] = None  # sites fxlora rewrote (every kind), fxlora contestant only
     fxlora_ddp_pieces: Optional[int] = None  # bucket sub-graphs DDP cut fxlora's graphs into (--parallel ddp)
+    gemm_reads: Optional[list] = None  # per set of LoRA sites sharing x: GEMMs reading x and dY (kinds/lora/group.py)
     error: Optional[str] = None
     profile: Optional[dict] = None  # bench/profile.py's ProfileSummary of one step, with --profile
     verdict: Optional[str] = None  # against the best peer's time: "faster", "slower" or "within noise"

@@ -37,6 +37,7 @@ from fxlora.bench.contestants import Contestant, build_contestant, fxlora_option
 from fxlora.bench.profile import profile_step
 from fxlora.bench.results import BenchResult, Measurement, derive
 from fxlora.bench.spec import VELORA_BENCH, Case, Settings
+from fxlora.kinds.lora.group import group_reads
 
 
 # ----------------------------------------------------------------------------- progress
@@ -231,6 +232,8 @@ def first_step(c: Contestant, batch, settings: Settings) -> None:
         graphs = fxlora.last_report().graphs
         c.result.fxlora_sites = sum(g.all_rewritten for g in graphs)
         c.result.fxlora_ddp_pieces = sum(len(g.pieces) for g in graphs) or None
+        lora = [r for g in graphs for part in (g, *g.regions) if (r := part.result("lora"))]
+        c.result.gemm_reads = [row for r in lora for row in group_reads(r.match.sites, r.decisions)] or None
 
 
 def _round(contestants: Sequence[Contestant], progress: Progress, label: str, step: Callable[[Contestant], Any]) -> None:
@@ -253,7 +256,19 @@ def _profile(c: Contestant, case: Case, batch, settings: Settings) -> dict:
     title = f"{c.name}, {case.label()}, batch {shape.batch}, {settings.dtype}, one step (forward + backward + AdamW)"
     summary = profile_step(lambda: train_step(c, batch, settings, settings.seed), path, title, case.rank,
                            full_numel=shape.batch * case.seq * shape.hidden, cuda=torch.device(settings.device).type == "cuda")
+    if c.result.gemm_reads:
+        with open(path, "a") as f:
+            f.write(_reads_table(c.result.gemm_reads))
     return {**summary.as_dict(), "path": path}
+
+
+def _reads_table(rows: list[dict]) -> str:
+    """Per set of LoRA sites sharing x: how many GEMMs read x (forward, backward) and the dYs."""
+    lines = ["", "GEMMs reading each shared input x and the sites' dY (fxlora/kinds/lora/group.py gemm_reads):", "",
+             "| sites | forms | one op | x reads forward | x reads backward | dY reads (all sites) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {', '.join(r['sites'])} | {', '.join(r['forms'])} | {'yes' if r['one_op'] else 'no'} | "
+              f"{r['x_reads_forward']} | {r['x_reads_backward']} | {r['dy_reads']} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _summarise(m: Measurement) -> None:

@@ -50,6 +50,7 @@ class Decision:
     chosen: Optional[PricedForm] = None
     peft_saved_bytes: Optional[sympy.Expr] = None
     reason: str = ""
+    unit: tuple[int, ...] = ()  # the sites rewritten as one op with this one (itself included), if more than one
 
     @property
     def rewritten(self) -> bool:

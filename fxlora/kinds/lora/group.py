@@ -7,12 +7,15 @@ says which and why it is exact), each site keeping the form the chooser gave it.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch.fx as fx
 
 from fxlora.cost.core import Form, PricedForm
 from fxlora.graph.read import scale_tensor_source, value
 from fxlora.kinds.lora.match import LoraSite
-from fxlora.ops.lora import BACKWARD_FORMS
+from fxlora.ops.lora import BACKWARD_FORMS, KEEPS_XA
+from fxlora.ops.lora_group import REBUILDS_XA, SHARED_DOWN
 
 
 GROUP_BACKWARDS = tuple(k for k, (dA, dB, _) in BACKWARD_FORMS.items() if (dA, dB) == ("z1", "xa"))
@@ -90,3 +93,41 @@ def _in_order(members: list, order: dict) -> list:
         return all(order[v] < first for v in inputs)
 
     return [m for m in members if ready(m[0])]
+
+
+def gemm_reads(forms: Sequence[tuple[int, int]], grouped: bool) -> tuple[int, int, int]:
+    """(GEMMs reading x forward, GEMMs reading x backward, GEMMs reading a dY, summed over the
+    sites) for sites sharing x in `forms` [(forward, backward)], as one op per site
+    (fxlora/ops/lora.py) or as one group op (fxlora/ops/lora_group.py); A, B and x needing grads.
+    What the bench's profile prints per group: the rank-r GEMMs are bound by these reads."""
+    if grouped:
+        x_fwd = len(forms) + any(f in SHARED_DOWN for f, _ in forms)
+        x_bwd = 1 + any(f in REBUILDS_XA for f, _ in forms)
+        return x_fwd, x_bwd, 2 * len(forms)
+    x_fwd = x_bwd = dy = 0
+    for forward, backward in forms:
+        dA_by, dB_by, dX_by = BACKWARD_FORMS[backward]
+        x_fwd += 2 if forward in SHARED_DOWN else 1  # forwards 1 and 4: base GEMM and X A^T
+        xtdy = "xtdy" in (dA_by, dB_by)  # Z2 = dY^T X, shared by dA and dB
+        x_bwd += (dA_by == "z1") + xtdy + (dB_by == "xa" and forward not in KEEPS_XA)
+        z1_apart = (dA_by == "z1" or dX_by == "split") and not dX_by.endswith("_cat")
+        dy += 1 + z1_apart + xtdy + (dB_by == "xa")
+    return x_fwd, x_bwd, dy
+
+
+def group_reads(sites: Sequence[LoraSite], decisions: Sequence) -> list[dict]:
+    """One row per set of two or more rewritten sites reading the same x: its sites, whether they
+    run as one op, and `gemm_reads` of their forms."""
+    by_x: dict[int, list] = {}
+    for site, d in zip(sites, decisions):
+        if d.rewritten and not d.chosen.form.lossy:
+            by_x.setdefault(site.input_group, []).append((site, d))
+    rows = []
+    for members in (m for m in by_x.values() if len(m) > 1):
+        forms = [(d.chosen.form.spec.forward, d.chosen.form.spec.backward) for _, d in members]
+        grouped = all(len(d.unit) == len(members) for _, d in members)
+        x_fwd, x_bwd, dy = gemm_reads(forms, grouped)
+        rows.append({"sites": [".".join((s.module or s.nodes.add.name).split(".")[-2:]) for s, _ in members],
+                     "forms": [d.chosen.form.name for _, d in members], "one_op": grouped,
+                     "x_reads_forward": x_fwd, "x_reads_backward": x_bwd, "dy_reads": dy})
+    return rows
