@@ -8,7 +8,8 @@ first, then a few rounds of one call each in rotated order, median per case (the
 the benchmark, docs/results.md). Figures are cached on disk per device and torch version,
 as Inductor's autotuning caches its choices, so only the first compile of a shape measures;
 each figure keeps the spread of its rounds, so a later choice can tell a real margin from noise
-(`fxlora timings --show` lists them, `--clear` forgets them).
+(`fxlora timings --show` lists them, `--clear` forgets them). A case over OUT_OF_RACE x the
+fastest after the first round is not run again (its one figure is kept, without a spread).
 
 Imports nothing from fxlora.
 """
@@ -30,6 +31,7 @@ import torch
 
 CACHE_ENV = "FXLORA_CACHE_DIR"  # where timings.json lives [~/.cache/fxlora]
 ROUNDS = 3  # median of 3 after a warm call: forms that tie within noise tie either way
+OUT_OF_RACE = 1.5  # after the first round, a case this many times the fastest's time is not run again
 
 
 @dataclass(frozen=True)
@@ -110,15 +112,19 @@ class Timings:
             for call in calls:
                 call()
             times: list[list[float]] = [[] for _ in calls]
+            racing = list(range(len(calls)))
             for r in range(self.rounds):
-                for j in range(len(calls)):
-                    k = (j + r) % len(calls)  # rotated order: drift spreads over every case
+                for j in range(len(racing)):
+                    k = racing[(j + r) % len(racing)]  # rotated order: drift spreads over every case
                     self._sync()
                     start = time.perf_counter()
                     calls[k]()
                     self._sync()
                     times[k].append(time.perf_counter() - start)
-        return {c.key: {"s": statistics.median(t), "spread": (max(t) - min(t)) / statistics.median(t)}
+                if r == 0:  # a margin this large needs no second look: the first compile measures less
+                    fastest = min(t[0] for t in times)
+                    racing = [k for k in racing if times[k][0] <= OUT_OF_RACE * fastest]
+        return {c.key: {"s": statistics.median(t), "spread": (max(t) - min(t)) / statistics.median(t) if len(t) > 1 else None}
                 for c, t in zip(cases, times)}
 
     def _sync(self) -> None:

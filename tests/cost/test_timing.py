@@ -25,6 +25,25 @@ def _case(key, calls):
     return TimingCase(key, build)
 
 
+def test_a_case_far_behind_after_one_round_is_not_run_again(tmp_path):
+    """The first compile measures less: a form over OUT_OF_RACE x the fastest after round one is out."""
+    import time as _time
+    calls: list[str] = []
+
+    def slow_case(key, seconds):
+        def build():
+            def call():
+                calls.append(key)
+                _time.sleep(seconds)
+            return call
+        return TimingCase(key, build)
+
+    figures = Timings(torch.device("cpu"), tmp_path / "t.json", rounds=3).figures(
+        [slow_case("fast", 0.001), slow_case("slow", 0.05)])
+    assert calls.count("fast") == 1 + 3 and calls.count("slow") == 1 + 1
+    assert figures[1][0] > figures[0][0] and figures[1][1] is None
+
+
 def test_measured_once_then_read_from_disk(tmp_path):
     path = tmp_path / "timings.json"
     calls: list[str] = []
