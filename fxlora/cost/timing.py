@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 CACHE_ENV = "FXLORA_CACHE_DIR"  # where timings.json lives [~/.cache/fxlora]
-ROUNDS = 3  # median of 3 after a warm call: forms that tie within noise tie either way
+ROUNDS = 2  # after a warm call; the spread (max - min) / median of the two tells a margin from noise
 OUT_OF_RACE = 1.5  # after the first round, a case this many times the fastest's time is not run again
 
 

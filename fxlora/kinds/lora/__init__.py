@@ -68,8 +68,8 @@ def site_forms(site: LoraSite, shape: LoraShape, config: Config):
     if config.group_shared_input and not config.force_form and not why_not_groupable(site):
         # one op with the sites sharing x saves more than any bracketing that would keep it alone
         exact = [f if joins_group(site, f) or not f.legal else dataclasses.replace(
-            f, legal=False, why_not=f"x shared with {site.shared_x - 1} other site(s): backward {f.spec.backward} "
-            "would keep it out of their one op (group.py)") for f in exact]
+            f, legal=False, why_not=f"x shared with {site.shared_x - 1} other site(s): their one op runs "
+            "backward 1 or 5 (group.py)") for f in exact]
     return [*exact, *lossy], note
 
 

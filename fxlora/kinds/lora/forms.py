@@ -172,6 +172,9 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
             elif not shape.x_needs_grad and dX_by.endswith("_cat"):
                 why_not = "x needs no gradient: no dX GEMM to share with dY B"
             xa_saved = save_xa or fwd in KEEPS_XA
+            if not why_not and xa_saved and BACKWARD_FORMS[bwd][1] == "xtdy":
+                twin = next(k for k, v in BACKWARD_FORMS.items() if v == (BACKWARD_FORMS[bwd][0], "xa", dX_by))
+                why_not = f"X A^T is kept, so dB reads it: the same computation as f{fwd}/b{twin}"
             flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, xa_saved))
             if shape.traced_dropout and shape.seeded_masks and not why_not:  # a region may draw from a seed instead
                 for packed in (False, True):

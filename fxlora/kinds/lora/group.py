@@ -21,11 +21,14 @@ from fxlora.ops.lora_group import REBUILDS_XA, SHARED_DOWN
 GROUP_BACKWARDS = tuple(k for k, (dA, dB, _) in BACKWARD_FORMS.items() if (dA, dB) == ("z1", "xa"))
 
 
+TIMED_IN_GROUP = (1, 5)  # the group op runs backward 9 as 5 and 10 as 1 (Z1 always rides on its dX GEMM)
+
+
 def joins_group(site: LoraSite, form: Form) -> bool:
-    """Whether `form` keeps a site that could be grouped (group.py) in its group: the group op
-    shares dA's GEMM over X and each dB reads X A^T, so backwards bracketing them through
-    dY^T X (RunLoRA 2, 3, 4, 6, 7, 8) stay alone."""
-    return form.lossy or form.spec is None or form.spec.backward in GROUP_BACKWARDS
+    """Whether `form` is a candidate for a site that could be grouped: the group op shares dA's
+    GEMM over X and each dB reads X A^T, so backwards bracketing them through dY^T X (RunLoRA
+    2, 3, 4, 6, 7, 8) would keep it alone, and 9 and 10 run there as 5 and 1 (no need to time them)."""
+    return form.lossy or form.spec is None or form.spec.backward in TIMED_IN_GROUP
 
 
 def why_alone(site: LoraSite, priced: PricedForm) -> str:
