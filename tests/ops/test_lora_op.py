@@ -141,17 +141,21 @@ def test_dropout_masks_replayed_or_packed_are_the_forwards(fast_rng, packed_mask
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-4)
 
 
-def test_fast_generator_keeps_one_minus_p():
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.001])  # 16 bits per element; 0.001: 31 bits
+def test_fast_generator_keeps_one_minus_p(p):
     from fxlora.ops.lora import _draw_keep
 
     torch.manual_seed(0)
-    n, p = 1 << 20, 0.05
+    n = 1 << 20
     keep = _draw_keep((n,), p, torch.float32, torch.device("cpu"), fast=True).double()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
-    # neighbours (the two halves of one int64 draw) are independent
-    both = (keep[0::2] * keep[1::2]).mean().item()
-    assert abs(both - (1 - p) ** 2) < 5 * (1 / (n / 2)) ** 0.5
+    # neighbours (the parts of one int64 draw) are independent, each of the four int16 lanes keeps at 1 - p
+    for k in (2, 4):
+        both = (keep[0::k] * keep[1::k]).mean().item()
+        assert abs(both - (1 - p) ** 2) < 5 * (1 / (n / k)) ** 0.5
+    lanes = keep.view(-1, 4).mean(0)
+    assert ((lanes - (1 - p)).abs() < 5 * (p * (1 - p) / (n / 4)) ** 0.5).all()
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 1000])
