@@ -186,12 +186,17 @@ def _claim(kind: Kind, match: Match, owner: dict[fx.Node, str]) -> Match:
 TIME_FLOP_SLACK = 1.25  # a form over 1.25x the cheapest FLOPs is not worth timing (RunLoRA Table 1: the slow ones are ~1.5-2x)
 
 
-def _timed(kind: Kind, site, shape, priced: list[PricedForm], decide: SizeDecider, timings: dict) -> list[PricedForm]:
-    """The priced forms, each legal exact one within TIME_FLOP_SLACK x the cheapest FLOPs
-    with its measured time (fxlora/cost/timing.py) at the size hints."""
+def _timed(kind: Kind, site, shape, priced: list[PricedForm], decide: SizeDecider, timings: dict,
+           saved_budget) -> list[PricedForm]:
+    """The priced forms, each legal exact one within TIME_FLOP_SLACK x the cheapest FLOPs (and
+    within `saved_budget` of the fewest saved bytes: the only ones "time" may choose) with its
+    measured time (fxlora/cost/timing.py) at the size hints."""
     exact = [p for p in priced if p.form.legal and not p.form.lossy and not p.form.traced]
     if kind.time_case is None or not exact:
         return priced
+    if saved_budget is not None:
+        saved = [decide.at_hints(p.saved_bytes) for p in exact]
+        exact = [p for p, b in zip(exact, saved) if b <= (1 + saved_budget) * min(saved)]
     flops = [decide.at_hints(p.flops) for p in exact]
     cases = {p.form.name: kind.time_case(site, shape, p.form, decide.at_hints)
              for p, f in zip(exact, flops) if f <= TIME_FLOP_SLACK * min(flops)}
@@ -218,7 +223,7 @@ def _decide(kind: Kind, site, config: Config, decide: SizeDecider, recomputed: b
     forms, note = kind.site_forms(site, shape, config)
     priced = price(forms, shape)
     if config.objective == "time":
-        priced = _timed(kind, site, shape, priced, decide, timings)
+        priced = _timed(kind, site, shape, priced, decide, timings, None if recomputed else config.saved_budget)
     hinted = len(decide.at_hint)
     chosen, why = choose_form(
         priced, objective=config.objective, flop_budget=config.flop_budget if kind.flop_budget else None,

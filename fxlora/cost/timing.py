@@ -4,7 +4,7 @@ FLOPs do not predict time where a GEMM has a dimension of r = 8: such GEMMs are 
 memory traffic and by the BLAS's layout, and the forms differ by passes FLOPs do not see.
 So each candidate form's op is run, forward and backward, on random tensors of the site's
 size (at the size hints), on the device the graph runs on: all cases built and warmed
-first, then a few rounds of one call each in rotated order, median per case (the method of
+first (one warm-up call per set of sizes), then a few rounds of one call each in rotated order, median per case (the method of
 the benchmark, docs/results.md). Figures are cached on disk per device and torch version,
 as Inductor's autotuning caches its choices, so only the first compile of a shape measures;
 each figure keeps the spread of its rounds, so a later choice can tell a real margin from noise
@@ -41,6 +41,7 @@ class TimingCase:
 
     key: str
     build: Callable[[], Callable[[], None]]
+    sizes: str = ""  # cases with the same (non-empty) sizes share one warm-up call: the allocator and BLAS are warm for all
 
 
 def cache_path() -> Path:
@@ -109,8 +110,11 @@ class Timings:
                 torch.random.fork_rng(devices=devices, device_type=self.device.type), \
                 torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
             calls = [c.build() for c in cases]
-            for call in calls:
-                call()
+            warmed: set[str] = set()
+            for case, call in zip(cases, calls):
+                if not case.sizes or case.sizes not in warmed:
+                    call()
+                    warmed.add(case.sizes)
             times: list[list[float]] = [[] for _ in calls]
             racing = list(range(len(calls)))
             for r in range(self.rounds):

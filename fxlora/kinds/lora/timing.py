@@ -23,10 +23,11 @@ def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) 
     positional, flags = op_arguments(site, spec)
     p, _, _, adapter_dtype, _, _, conv1d, _ = positional
     device = value(site.nodes.x).device
-    key = (f"lora {form.name} T={T} i={i} o={o} r={r} x={site.x_dtype} W={site.weight_dtype}@{site.compute_dtype} "
+    sizes = (f"lora T={T} i={i} o={o} r={r} x={site.x_dtype} W={site.weight_dtype}@{site.compute_dtype} "
            f"AB={site.adapter_dtype}@{adapter_dtype} p={p:g} fast={spec.fast_rng} grads="
            f"{int(shape.x_needs_grad)}{int(site.a_trainable)}{int(site.b_trainable)} bias={int(site.has_bias)} "
            f"conv1d={int(conv1d)}" + (" recomputed: forward x2, traced dropout timed" if shape.recomputed else ""))
+    key = sizes.replace("lora ", f"lora {form.name} ", 1)
 
     def build() -> Callable[[], None]:
         x = torch.randn(T, i, dtype=site.x_dtype, device=device, requires_grad=shape.x_needs_grad)
@@ -56,4 +57,4 @@ def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) 
 
         return call
 
-    return TimingCase(key, build)
+    return TimingCase(key, build, sizes)
