@@ -81,7 +81,7 @@ class Kind:
     # (site, shape, form, at_hints) -> a fxlora.cost.timing.TimingCase, for objective "time"; None: not timed
     time_case: Optional[Callable[[Any, Any, Any, Callable], Any]] = None
     # (chosen [(site, PricedForm)], config) -> (units, notes): lists of sites rewritten as one op
-    # (in graph order, every chosen site in exactly one) and a note per site on its unit; None: one per site
+    # (in graph order, each unit's sites too, every chosen site in exactly one) and a note per site on its unit; None: one per site
     group: Optional[Callable[[list, Any], tuple[list[list], dict[int, str]]]] = None
 
 

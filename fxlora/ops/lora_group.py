@@ -28,6 +28,7 @@ Backward is its own opaque op, for the reason fxlora.ops.lora gives.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence
 
@@ -48,11 +49,22 @@ def _per_site(present: Sequence, has: Sequence[bool]) -> list:
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:
-    out, total = [], 0
-    for n in sizes:
-        out.append(total)
-        total += n
-    return out
+    return list(itertools.accumulate(sizes, initial=0))[:-1]
+
+
+def _columns(sites: Sequence[int], ranks: Sequence[int]) -> dict[int, int]:
+    """Where each of `sites`' r_k columns start in a (T, sum r_k) block holding them side by side."""
+    return dict(zip(sites, _offsets([ranks[k] for k in sites])))
+
+
+def _operands(x: Tensor, weights, lora_As, lora_Bs, scales, conv1d, dtype: torch.dtype):
+    """What forward and backward both read, in the compute dtype: x as (T, in), each W as (out, in),
+    A, s and s B; with the ranks."""
+    Ws = [base_weight(w, c).to(dtype) for w, c in zip(weights, conv1d)]
+    As = [a.to(dtype) for a in lora_As]
+    ss = [s.to(dtype) for s in scales]
+    sBs = [s * b.to(dtype) for s, b in zip(ss, lora_Bs)]
+    return x.to(dtype).flatten(0, -2), Ws, As, ss, sBs, [a.shape[0] for a in As]
 
 
 @torch.library.custom_op("fxlora::lora_group_linear", mutates_args=())
@@ -73,20 +85,17 @@ def lora_group_linear(
     `biases` holds the biases of the sites with `has_bias` only (a list with a None in it would
     get no gradient through a custom op)."""
     lead, i = x.shape[:-1], x.shape[-1]
-    x2 = x.to(dtype).flatten(0, -2)
-    Ws = [base_weight(w, c).to(dtype) for w, c in zip(weights, conv1d)]
-    As = [a.to(dtype) for a in lora_As]
-    sBs = [s.to(dtype) * b.to(dtype) for s, b in zip(scales, lora_Bs)]
+    x2, Ws, As, _, sBs, ranks = _operands(x, weights, lora_As, lora_Bs, scales, conv1d, dtype)
     bs = _per_site([b.to(dtype) for b in biases], has_bias)
     kept = [k for k, f in enumerate(forward_forms) if f in KEEPS_XA]
-    kept_at = dict(zip(kept, _offsets([As[k].shape[0] for k in kept])))
-    xa_kept = x2.new_empty((x2.shape[0], sum(As[k].shape[0] for k in kept)))
+    kept_at = _columns(kept, ranks)
+    xa_kept = x2.new_empty((x2.shape[0], sum(ranks[k] for k in kept)))
     down = [k for k, f in enumerate(forward_forms) if f in SHARED_DOWN]
-    down_at = dict(zip(down, _offsets([As[k].shape[0] for k in down])))
+    down_at = _columns(down, ranks)
     xa_down = x2 @ torch.cat([As[k] for k in down]).t() if down else None  # one GEMM over x
     ys = []
     for k, form in enumerate(forward_forms):
-        W, A, sB, b, r = Ws[k], As[k], sBs[k], bs[k], As[k].shape[0]
+        W, A, sB, b, r = Ws[k], As[k], sBs[k], bs[k], ranks[k]
         o = W.shape[0]
         if form == 3:  # x [W + s B A; A]^T: y and X A^T from one GEMM (fxlora.ops.lora forward 3)
             cat = torch.empty((o + r, i), dtype=dtype, device=W.device)
@@ -174,14 +183,9 @@ def lora_group_linear_backward(
     n, i = len(weights), x.shape[-1]
     need_x = needs[0]
     need_b, need_A, need_B = needs[1::3], needs[2::3], needs[3::3]
-    x2 = x.to(dtype).flatten(0, -2)
+    x2, Ws, As, ss, sBs, ranks = _operands(x, weights, lora_As, lora_Bs, scales, conv1d, dtype)
     T = x2.shape[0]
-    Ws = [base_weight(w, c).to(dtype) for w, c in zip(weights, conv1d)]
-    As = [a.to(dtype) for a in lora_As]
-    ss = [s.to(dtype) for s in scales]
-    sBs = [s * b.to(dtype) for s, b in zip(ss, lora_Bs)]
     dy2 = [dy.to(dtype).flatten(0, -2) for dy in dys]
-    ranks = [a.shape[0] for a in As]
     at = _offsets(ranks)
     R = sum(ranks)
 
@@ -212,10 +216,10 @@ def lora_group_linear_backward(
 
     dA_all = z1.t() @ x2 if any(need_A) else None  # every site's dA from one GEMM over X
     rebuilt = [k for k in range(n) if need_B[k] and forward_forms[k] in REBUILDS_XA]
-    rebuilt_at = dict(zip(rebuilt, _offsets([ranks[k] for k in rebuilt])))
+    rebuilt_at = _columns(rebuilt, ranks)
     xa_rebuilt = x2 @ torch.cat([As[k] for k in rebuilt]).t() if rebuilt else None
     kept = [k for k in range(n) if forward_forms[k] in KEEPS_XA]
-    kept_at = dict(zip(kept, _offsets([ranks[k] for k in kept])))
+    kept_at = _columns(kept, ranks)
 
     out = [dX if dX is not None else x.new_empty(NO_TENSOR)]
     for k in range(n):

@@ -86,12 +86,13 @@ def group_sites(chosen: list[tuple[LoraSite, PricedForm]], config) -> tuple[list
 
 def _in_order(members: list, order: dict) -> list:
     """The members whose inputs all exist before the first member's output (the group op goes
-    there); a 4-bit base's weight dequantised inside each layer does not."""
-    first = min(order[s.nodes.add] for s, _ in members)
+    there; a 4-bit base's weight dequantised inside each layer does not), in graph order."""
+    members = sorted(members, key=lambda m: order[m[0].nodes.add])
+    first = order[members[0][0].nodes.add]
 
     def ready(site: LoraSite) -> bool:
         n = site.nodes
-        scale = scale_tensor_source(n.scale) if isinstance(n.scale, fx.Node) else None
+        scale = scale_tensor_source(n.scale)
         inputs = [v for v in (n.x, n.weight, n.bias, n.lora_A, n.lora_B, scale) if isinstance(v, fx.Node)]
         return all(order[v] < first for v in inputs)
 

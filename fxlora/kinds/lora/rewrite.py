@@ -74,13 +74,12 @@ def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node])
 
 
 def _replace_group(chosen: list[tuple[LoraSite, PricedForm]]) -> None:
-    """`fxlora::lora_group_linear` before the group's first output; each site's output is its y."""
+    """`fxlora::lora_group_linear` before the group's first output (group.py hands the sites over
+    in graph order); each site's output is its y."""
     sites = [site for site, _ in chosen]
     specs = [priced.form.spec for _, priced in chosen]
     graph = sites[0].nodes.add.graph
-    order = {n: k for k, n in enumerate(graph.nodes)}
-    first = min((s.nodes.add for s in sites), key=order.__getitem__)
-    with inserting_before(first) as inserted:
+    with inserting_before(sites[0].nodes.add) as inserted:
         op = graph.call_function(torch.ops.fxlora.lora_group_linear.default, (
             sites[0].nodes.x,
             [s.nodes.weight for s in sites],
