@@ -22,6 +22,7 @@ from fxlora.graph.edit import copy_graph_module
 from fxlora.graph.read import parameter_inputs
 from fxlora.inference import NO_BACKWARD_NOTE, needs_backward
 from fxlora.logs import log_report
+from fxlora.ops.inline import InlineOpsPass
 from fxlora.pipeline import PipelineResult, count, run_pipeline
 from fxlora.report import GraphReport, record
 from fxlora.tracing import mark_backend, traced_frame
@@ -115,7 +116,8 @@ def compile_graph(
         # Dynamo's debug config overrides are dropped: Inductor's patches come from fxlora's options.
         if split is not None:
             report.pieces.append(fxlora_op_sites(piece.graph))
-        return _inner_compile(piece, inputs, config, mode, rematerialize=remat)
+        inline = InlineOpsPass(report.inlined) if config.inline_ops and rewritten else None
+        return _inner_compile(piece, inputs, config, mode, rematerialize=remat, inline=inline)
 
     def compile_whole(graph: fx.GraphModule) -> Callable:
         return compile_piece(graph, example_inputs) if split is None else split(graph, example_inputs, compile_piece)
@@ -177,7 +179,8 @@ _DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.Ski
 
 
 def _inner_compile(
-    gm: fx.GraphModule, example_inputs, config: Config, mode: Optional[str], rematerialize: bool = False
+    gm: fx.GraphModule, example_inputs, config: Config, mode: Optional[str], rematerialize: bool = False,
+    inline: Optional[InlineOpsPass] = None,
 ) -> Callable:
     if config.inner == "eager":
         return gm.forward
@@ -185,11 +188,15 @@ def _inner_compile(
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor import list_mode_options
+    from torch._inductor import config as inductor_config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(config.inductor)
+    if inline is not None:  # first among the post-grad passes, before the user's own
+        theirs = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
+        patches["post_grad_custom_pre_pass"] = [inline, *get_custom_graph_passes(theirs)]
     # An adapter's dA needs its input x (a norm output, an activation) in backward. By default
     # the min-cut partitioner never recomputes a value that backward must materialize, so x
     # is saved even where it is one cheap pointwise kernel away from tensors saved anyway

@@ -75,6 +75,12 @@ class Config:
         have no dropout run as one op (`fxlora::lora_group_linear`): their rank-r GEMMs over x and
         their dX GEMMs are shared, each site keeps the form chosen for it. Exact. False: one op
         per site (for comparison; docs/lora-rewrite.md).
+    inline_ops: True (default): Inductor compiles what runs inside fxlora's ops. After the
+        partitioner has split forward from backward (the ops' boundaries decided what is saved),
+        each op whose body is a pure function of its inputs is replaced by its traced body, which
+        Inductor lowers and fuses with its neighbours (fxlora/ops/inline.py); the report counts
+        them per graph and names any op left opaque and why. False: every op runs its eager
+        body, as under "aot_eager" (for comparison). Inductor only; exact either way.
     in_checkpoint: set by fxlora itself on the body of an activation-checkpointed region
         (fxlora/checkpoint.py), whose forward runs again in backward; not a user option.
     """
@@ -94,6 +100,7 @@ class Config:
     form_guards: bool = False
     skip_checkpoint_side_effects: bool = True
     group_shared_input: bool = True
+    inline_ops: bool = True
     in_checkpoint: bool = False
 
     def __post_init__(self):

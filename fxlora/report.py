@@ -86,6 +86,7 @@ class GraphReport(_Results):
     frame_module: Any = None  # weakref to the module whose frame Dynamo traced: `module` paths start there
     frame_code: str = ""  # "file:line name" of that frame's code: Dynamo reuses the graph for its class's instances
     parameters: list = field(default_factory=list)  # weakref per parameter the graph reads
+    inlined: list = field(default_factory=list)  # InlineResult per graph Inductor compiled (forward, backward)
 
     @property
     def all_sites(self) -> list:
@@ -285,8 +286,27 @@ def _format_graph(g: GraphReport, verbose: bool) -> list[str]:
     if g.fallback:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
+    lines += _format_inlined(g)
     lines += _format_pieces(g)
     lines += _format_regions(g, verbose)
+    return lines
+
+
+def _format_inlined(g: GraphReport) -> list[str]:
+    """What Inductor compiled inside fxlora's ops (fxlora/ops/inline.py), over the forward and backward graphs."""
+    if not g.inlined:
+        return []
+    counts: dict[str, int] = {}
+    opaque: dict[tuple[str, str], int] = {}
+    for result in g.inlined:
+        for name, n in result.inlined.items():
+            counts[name] = counts.get(name, 0) + n
+        for key in result.opaque:
+            opaque[key] = opaque.get(key, 0) + 1
+    short = lambda name: name.split("::")[-1]  # noqa: E731
+    lines = [f"  op bodies compiled by Inductor: {sum(counts.values())} of {sum(counts.values()) + sum(opaque.values())}"
+             + (" (" + ", ".join(f"{short(k)} x{v}" for k, v in counts.items()) + ")" if counts else "")]
+    lines += [f"    left opaque (eager body): {short(name)} x{n}: {why}" for (name, why), n in opaque.items()]
     return lines
 
 

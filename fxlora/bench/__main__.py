@@ -211,7 +211,23 @@ def markdown_table(result: BenchResult) -> str:
     lines = [caption(result), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in result.measurements:
         lines.append("| " + " | ".join(_row_cells(m)) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _host_work(result)) + "\n"
+
+
+def _host_work(result: BenchResult) -> list[str]:
+    """With --profile: ATen calls per step outside Inductor's kernels (a launch each on a GPU), per contestant."""
+    profiled = [m for m in result.measurements if m.profile]
+    if not profiled:
+        return []
+    lines = ["", "Host work, one profiled step: ATen calls (nested included) and those more than a view or an "
+             "allocation; calls fused into Inductor's kernels are not ATen calls.", "",
+             "| seq | rank | dropout | contestant | ATen calls | more than a view/allocation | rank-r GEMMs | full-size copies |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in profiled:
+        p = m.profile
+        lines.append(f"| {m.seq} | {m.rank} | {m.dropout:g} | {m.contestant} | {p.get('aten_calls', '?')} | "
+                     f"{p.get('aten_work_calls', '?')} | {p.get('rank_gemms', '?')} | {p.get('full_copies', '?')} |")
+    return lines
 
 
 def caption(result: BenchResult) -> str:

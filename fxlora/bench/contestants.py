@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora.bench.results import Measurement
-from fxlora.bench.spec import FA_PEERS, FLOOR, NOISE, PEERS, VELORA_BENCH, Case, Settings
+from fxlora.bench.spec import EXACT_VARIANTS, FA_PEERS, FLOOR, NOISE, PEERS, VELORA_BENCH, Case, Settings
 from fxlora.reft import attach_reft
 from fxlora.testing.models import quantized_4bit, tiny_model, token_batch, with_ia3, with_lora, with_vera
 
@@ -81,7 +81,7 @@ def build_model(name: str, case: Case, settings: Settings) -> nn.Module:
     if name == FLOOR:
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # something must need grad for backward to run
-    elif name in FA_PEERS or (name.startswith("fxlora-") and name != "fxlora-ungrouped"):  # the opt-in forms are LoRA's, whatever the adapter
+    elif name in FA_PEERS or (name.startswith("fxlora-") and name not in EXACT_VARIANTS):  # the opt-in forms are LoRA's, whatever the adapter
         model = _add_lora(model, case, settings)
         if "velora" in name:  # v from the batch every step sees (deterministic from the seed)
             fxlora.velora.prepare(model, token_batch(s.batch, case.seq, s.vocab, settings.seed), VELORA_BENCH)
@@ -147,8 +147,7 @@ def compile_for(name: str, model: nn.Module, settings: Settings) -> nn.Module:
         options = fxlora_options(settings)
         if "velora" in name:
             options["compress"] = VELORA_BENCH
-        if name == "fxlora-ungrouped":
-            options["group_shared_input"] = False
+        options.update(EXACT_VARIANTS.get(name, {}))
         return torch.compile(model, backend="fxlora", options=options)
     if settings.inner == "aot_eager":
         return torch.compile(model, backend="aot_eager")

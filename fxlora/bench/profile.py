@@ -13,6 +13,13 @@ import torch
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::linear")
 COPIES = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::clone", "aten::contiguous")
+# ATen calls that only make a view or allocate (or dispatch on to a call that works): host work, no data.
+VIEWS_AND_ALLOCATIONS = frozenset(f"aten::{name}" for name in (
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "as_strided",
+    "slice", "select", "unsqueeze", "squeeze", "flatten", "unflatten", "split", "split_with_sizes", "chunk",
+    "narrow", "alias", "detach", "lift_fresh", "view_as", "unbind", "empty", "empty_like", "empty_strided",
+    "new_empty", "new_empty_strided", "resize_", "to", "contiguous",
+))
 ROWS = 40
 
 
@@ -27,6 +34,8 @@ class ProfileSummary:
     gemm_ms: float = 0.0
     full_copies: int = 0  # copy_/fill_/clone of at least `full_numel` elements (an activation's size)
     full_copy_ms: float = 0.0
+    aten_calls: int = 0  # every ATen call of the step, nested ones included (host work: a launch each on a GPU)
+    aten_work_calls: int = 0  # those that are more than a view or an allocation
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +45,9 @@ def summarise(averages, rank: int, full_numel: int, device_time: bool) -> Profil
     s = ProfileSummary()
     for e in averages:
         ms = (e.self_device_time_total if device_time else e.self_cpu_time_total) / 1e3
+        if e.key.startswith("aten::"):
+            s.aten_calls += e.count
+            s.aten_work_calls += 0 if e.key in VIEWS_AND_ALLOCATIONS else e.count
         s.self_ms += ms
         shapes = [sh for sh in (e.input_shapes or []) if sh]
         if e.key in GEMMS:
@@ -70,5 +82,6 @@ def profile_step(step: Callable[[], None], path: str, title: str, rank: int, ful
 
 
 def _describe(s: ProfileSummary, rank: int) -> str:
-    return (f"self time {s.self_ms:.1f} ms; GEMMs {s.gemms} ({s.gemm_ms:.1f} ms), of which rank-{rank} "
+    return (f"ATen calls {s.aten_calls} ({s.aten_work_calls} more than a view or an allocation); "
+            f"self time {s.self_ms:.1f} ms; GEMMs {s.gemms} ({s.gemm_ms:.1f} ms), of which rank-{rank} "
             f"{s.rank_gemms} ({s.rank_gemm_ms:.1f} ms); full-size copy_/fill_/clone {s.full_copies} ({s.full_copy_ms:.1f} ms)")

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from fxlora.ops._common import NO_TENSOR, base_weight
+from fxlora.ops.inline import inline_check
 
 FORWARD_FORMS = (1, 2, 3, 4)
 MERGED_FORWARD = (2, 3)  # forwards that build W + s B A
@@ -100,15 +101,18 @@ def _seeded(seed: Tensor, device) -> torch.Generator:
 
 
 def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, seed: Optional[Tensor] = None) -> Tensor:
     """Which elements dropout keeps (bool), keep ~ Bernoulli(1 - p).
 
     eager (`fast=False`): drawn exactly as ATen's dropout draws it (`bernoulli_` on a tensor of
-    x's dtype), so the mask equals eager's. fast: 16 uniform bits per element (a quarter of a
-    full-range int64 `random_`, read as int16), kept below round((1-p) 2^16); for p under
-    SIXTEEN_BITS_FROM, 31 bits (half an int64 word) kept below round((1-p) 2^31)."""
+    x's dtype), so the mask equals eager's. fast with a `seed`: `hashed_keep`, a pure function of
+    the seed and the element index that Inductor compiles. fast without one (DoRA's sparse-mask
+    op): 16 uniform bits per element (a quarter of a full-range int64 `random_`, read as int16),
+    kept below round((1-p) 2^16); for p under SIXTEEN_BITS_FROM, 31 bits (half an int64 word)."""
     if not fast:
         return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p, generator=generator) != 0
+    if seed is not None:
+        return hashed_keep(seed, shape, p)
     n = math.prod(shape)
     if p >= SIXTEEN_BITS_FROM:  # signed int16 b keeps where b + 2^15 < threshold
         words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
@@ -116,6 +120,33 @@ def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool,
     words = torch.empty(((n + 1) // 2,), dtype=torch.int64, device=device).random_(generator=generator)
     bits = words.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF)
     return torch.lt(bits, _keep_threshold(p)).view(shape)
+
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A bijection of 32-bit values held in int64 (the shift-multiply rounds of Wellons' hash-prospector
+    integer hashes, with odd multipliers below 2^31 so no product leaves int64: no overflow on any backend)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _LOW32
+    h = h ^ (h >> 15)
+    h = (h * 0x31848BAB) & _LOW32
+    return h ^ (h >> 16)
+
+
+def hashed_keep(seed: Tensor, shape: Sequence, p: float) -> Tensor:
+    """Dropout's keep mask as a counter-based hash of (seed, element index): keep where the low 31 bits
+    of mix(mix(index ^ seed_lo) ^ seed_hi) fall below round((1 - p) 2^31), so p' is p to 2^-31.
+
+    A pure function of a 0-d int64 seed the graph drew: backward (or a checkpointed region's recompute)
+    replays the mask from the seed's 8 bytes, no RNG state crosses to the host, Inductor fuses the hash
+    into the kernel that reads x, and CPU and CUDA draw the same mask (integer arithmetic only)."""
+    n = math.prod(shape)
+    index = torch.arange(n, dtype=torch.int64, device=seed.device)
+    s = seed.reshape(())
+    h = _mix32(_mix32((index & _LOW32) ^ (s & _LOW32)) ^ ((s >> 32) & _LOW32) ^ (index >> 32))
+    return ((h & 0x7FFFFFFF) < _keep_threshold(p)).view(shape)
 
 
 def _keep_scale(p: float, dtype: torch.dtype, device) -> Tensor:
@@ -191,22 +222,24 @@ def lora_linear(
     checkpointed region, whose recompute must see the forward's mask: AOTAutograd replays the
     graph's own RNG, not an op's). Then p is 0 here, forwards 1 and 4 only, and backward returns
     the base's dX for x and the adapter's for x_adapter (dropout's own backward masks it).
-    `seed`: a 0-d int64 the graph drew; the mask comes from a generator seeded with it, so a
-    checkpointed region's recompute (which reads the same seed) draws the same mask. The record
-    is then the seed's 8 bytes.
+    `seed`: a 0-d int64 the graph drew. With `fast_rng` the mask is `hashed_keep(seed)`; with eager
+    masks it comes from a generator seeded with it. Either way a backward or a checkpointed region's
+    recompute (which reads the same seed) draws the same mask, and the record is the seed (int64 (1,)).
 
     Returns (y, x A^T if save_xa else empty, the mask record if p > 0 else empty): the RNG
     state the mask was drawn from, or with `packed_mask` the mask itself, 1 bit per element."""
     W = base_weight(weight, conv1d).to(base_dtype)
     A, B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
     s = scale.to(adapter_dtype)
-    record = x.new_empty(NO_TENSOR, dtype=torch.uint8, device="cpu")
+    record = x.new_empty(NO_TENSOR, dtype=torch.uint8)
     xa = x.new_empty(NO_TENSOR, dtype=adapter_dtype)
     if dropout_p > 0:
-        generator = None if seed is None else _seeded(seed, x.device)
+        if fast_rng and seed is None:
+            raise ValueError("fxlora::lora_linear: fast masks are hashed from a seed; pass seed=")
+        generator = None if seed is None or fast_rng else _seeded(seed, x.device)
         if not packed_mask:
-            record = _rng_state(x.device) if seed is None else seed.reshape(1).to("cpu").view(torch.uint8).clone()
-        keep = _draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng, generator)
+            record = _rng_state(x.device) if seed is None else seed.reshape(1).clone()
+        keep = _draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng, generator, seed)
         if packed_mask:
             record = _pack_mask(keep)
         x_in = _masked(x, keep, adapter_dtype)
@@ -245,12 +278,16 @@ def lora_linear(
     return y, xa, record
 
 
-def _record_size(x: Tensor, dropout_p: float, packed_mask: bool) -> tuple[int, str]:
+def _fake_record(x: Tensor, dropout_p: float, packed_mask: bool, seed: Optional[Tensor]) -> Tensor:
+    """The mask record's fake: nothing, the packed bits (x's device), the seed, or an RNG state (host)."""
     if dropout_p == 0:
-        return 0, "cpu"
+        return x.new_empty(NO_TENSOR, dtype=torch.uint8)
     if packed_mask:
-        return (math.prod(x.shape) + 7) // 8, x.device.type
-    return (16 if x.device.type == "cuda" else torch.get_rng_state().numel()), "cpu"
+        return x.new_empty(((math.prod(x.shape) + 7) // 8,), dtype=torch.uint8)
+    if seed is not None:
+        return seed.new_empty((1,))
+    n = 16 if x.device.type == "cuda" else torch.get_rng_state().numel()
+    return x.new_empty((n,), dtype=torch.uint8, device="cpu")
 
 
 @lora_linear.register_fake
@@ -265,15 +302,15 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, mask_dtype, base_dtype,
         y = x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
     keep_xa = save_xa or forward_form in KEEPS_XA
     xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]) if keep_xa else NO_TENSOR, dtype=adapter_dtype)
-    n, device = _record_size(x, dropout_p, packed_mask) if seed is None or packed_mask else (8, "cpu")
-    record = x.new_empty((n,), dtype=torch.uint8, device=device if device == "cpu" else x.device)
-    return y, xa, record
+    return y, xa, _fake_record(x, dropout_p, packed_mask, seed)
 
 
 def _replayed_keep(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype: torch.dtype,
                    device: torch.device, fast: bool, seeded: bool = False) -> Tensor:
     """The forward's dropout mask, drawn again from the saved RNG state (or seed); the caller's RNG is untouched."""
     if seeded:
+        if fast:
+            return hashed_keep(rng_state, shape, p)
         return _draw_keep(shape, p, mask_dtype, device, fast, _seeded(rng_state, device))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
@@ -450,3 +487,26 @@ def _(dy, x, weight, lora_A, lora_B, scale, xa, record, dropout_p, mask_dtype, b
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _inline_why_not(dropout_p: float, fast_rng: bool, packed_mask: bool, seeded: bool) -> Optional[str]:
+    """Why a LoRA op's body cannot be traced for Inductor: masks that read state outside its inputs."""
+    if dropout_p == 0:
+        return None
+    if not fast_rng:
+        return "eager's dropout masks (fallback_random or an eager inner compiler) come from the global RNG"
+    if packed_mask:
+        return "a packed mask record"
+    if not seeded:
+        return "an RNG-state mask record"
+    return None
+
+
+@inline_check("fxlora::lora_linear")
+def _(dropout_p, fast_rng=False, packed_mask=False, seed=None, **_):
+    return _inline_why_not(dropout_p, fast_rng, packed_mask, seed is not None)
+
+
+@inline_check("fxlora::lora_linear_backward")
+def _(dropout_p, fast_rng=False, packed_mask=False, seeded=False, **_):
+    return _inline_why_not(dropout_p, fast_rng, packed_mask, seeded)

@@ -120,13 +120,15 @@ def _dropout_case(seed=0):
 @pytest.mark.parametrize("backward", [1, 2, 3, 6])
 def test_dropout_masks_replayed_or_packed_are_the_forwards(fast_rng, packed_mask, backward):
     """Given the mask it drew, the op computes what autograd computes on x * noise; with the
-    eager generator that noise is eager dropout's own (same seed, same mask)."""
+    eager generator that noise is eager dropout's own (same seed, same mask); fast masks are
+    hashed from a seed."""
     from fxlora.ops.lora import _draw_keep
 
     x, W, A, B, grad_out = _dropout_case()
     p = 0.25
+    seed = torch.tensor(2**33 + 5, dtype=torch.int64) if fast_rng else None
     torch.manual_seed(11)
-    noise = _draw_keep(x.shape, p, torch.float32, x.device, fast_rng) / (1 - p)
+    noise = _draw_keep(x.shape, p, torch.float32, x.device, fast_rng, seed=seed) / (1 - p)
     if not fast_rng:
         torch.manual_seed(11)
         assert torch.equal(F.dropout(torch.ones_like(x), p, True), noise)
@@ -134,15 +136,47 @@ def test_dropout_masks_replayed_or_packed_are_the_forwards(fast_rng, packed_mask
     ref_grads = torch.autograd.grad(ref, (x, A, B), grad_out)
     torch.manual_seed(11)
     y, _, record = lora_linear(x, W, None, A, B, torch.tensor(1.5), p, torch.float32, torch.float32, torch.float32,
-                               1, backward, False, False, fast_rng=fast_rng, packed_mask=packed_mask)
-    assert record.numel() == ((x.numel() + 7) // 8 if packed_mask else torch.get_rng_state().numel())
+                               1, backward, False, False, fast_rng=fast_rng, packed_mask=packed_mask, seed=seed)
+    assert record.numel() == ((x.numel() + 7) // 8 if packed_mask else 1 if fast_rng else torch.get_rng_state().numel())
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     for g, want in zip(torch.autograd.grad(y, (x, A, B), grad_out), ref_grads):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.001, 0.1])
+def test_hashed_masks_keep_one_minus_p_independently(p):
+    """Counter-based masks: rate 1 - p (to 2^-31), neighbours independent, seeds independent, a pure
+    function of (seed, index): the same mask again from the same seed, whatever the global RNG."""
+    from fxlora.ops.lora import hashed_keep
+
+    n = 1 << 20
+    seeds = [torch.tensor(s, dtype=torch.int64) for s in (0, 1, 2**32, 2**61 + 12345)]
+    keeps = [hashed_keep(s, (n,), p).double() for s in seeds]
+    sigma = (p * (1 - p) / n) ** 0.5
+    for keep in keeps:
+        assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+        for k in (1, 2, 7):  # neighbours at distance k
+            both = (keep[:-k] * keep[k:]).mean().item()
+            assert abs(both - (1 - p) ** 2) < 6 * (1 / n) ** 0.5
+    for a in range(len(keeps)):  # across seeds (sites, layers, steps)
+        for b in range(a + 1, len(keeps)):
+            assert abs((keeps[a] * keeps[b]).mean().item() - (1 - p) ** 2) < 6 * (1 / n) ** 0.5
+    torch.manual_seed(3)
+    assert torch.equal(hashed_keep(seeds[3], (n,), p).double(), keeps[3])
+
+
+def test_hashed_mask_is_the_same_compiled():
+    """Inductor's kernel computes the eager body's mask bit for bit (integer arithmetic only)."""
+    from fxlora.ops.lora import hashed_keep
+
+    seed = torch.tensor(2**45 + 99, dtype=torch.int64)
+    compiled = torch.compile(lambda s: hashed_keep(s, (3, 1000, 7), 0.1), backend="inductor", fullgraph=True)
+    assert torch.equal(compiled(seed), hashed_keep(seed, (3, 1000, 7), 0.1))
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.001])  # 16 bits per element; 0.001: 31 bits
 def test_fast_generator_keeps_one_minus_p(p):
+    """The seedless fast generator (DoRA's sparse-mask op)."""
     from fxlora.ops.lora import _draw_keep
 
     torch.manual_seed(0)
@@ -174,7 +208,7 @@ def test_opcheck_packed_fast():
     args = (x, torch.randn(6, 8), None, torch.randn(2, 8, requires_grad=True),
             torch.randn(6, 2, requires_grad=True), torch.tensor(2.0), 0.3, torch.float32,
             torch.float32, torch.float32, 1, 1, False, False)
-    torch.library.opcheck(lora_linear, args, {"fast_rng": True, "packed_mask": True},
+    torch.library.opcheck(lora_linear, args, {"fast_rng": True, "packed_mask": True, "seed": torch.tensor(3)},
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -224,7 +258,7 @@ def test_opcheck_x_adapter():
 def test_seed_draws_the_same_mask_in_forward_backward_and_a_recompute(forward, backward, packed):
     """A graph-drawn seed: the op's mask is a function of it alone, so a checkpointed region's
     recompute (same seed) sees the forward's mask; gradients are autograd's for that mask."""
-    from fxlora.ops.lora import _draw_keep, _seeded
+    from fxlora.ops.lora import hashed_keep
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 24, generator=gen, requires_grad=True)
@@ -233,7 +267,7 @@ def test_seed_draws_the_same_mask_in_forward_backward_and_a_recompute(forward, b
     B = torch.randn(20, 4, generator=gen, requires_grad=True)
     grad_out = torch.randn(3, 5, 20, generator=gen)
     seed = torch.tensor(2**40 + 17, dtype=torch.int64)
-    keep = _draw_keep(x.shape, 0.25, torch.float32, x.device, True, _seeded(seed, x.device))
+    keep = hashed_keep(seed, x.shape, 0.25)
     ref = F.linear(x, W, bias) + F.linear(F.linear(x * keep / 0.75, A), B) * 1.5
     ref_grads = torch.autograd.grad(ref, (x, bias, A, B), grad_out)
     args = (x, W, bias, A, B, torch.tensor(1.5), 0.25, torch.float32, torch.float32, torch.float32,

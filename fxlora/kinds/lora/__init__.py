@@ -52,12 +52,12 @@ def shape(site: LoraSite, config: Config) -> LoraShape:
         eager_masks=config.eager_masks(),
         recomputed=config.in_checkpoint,
         # fast masks are Inductor's rule (Config.eager_masks); forcing a "+seeded" form asks for them
-        seeded_masks=value(site.nodes.x).device.type == "cpu"
-        and (not config.eager_masks() or "+seeded" in (config.force_form or "")),
+        seeded_masks=not config.eager_masks() or "+seeded" in (config.force_form or ""),
     )
 
 
-FAST_MASKS = "dropout masks from the fast generator (Inductor's rule: eager's masks only with fallback_random=True)"
+FAST_MASKS = ("dropout masks hashed from a graph-drawn seed and the element index, replayed in backward "
+              "(Inductor's rule: eager's masks only with fallback_random=True)")
 
 
 def site_forms(site: LoraSite, shape: LoraShape, config: Config):

@@ -176,8 +176,10 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
                 twin = next(k for k, v in BACKWARD_FORMS.items() if v == (BACKWARD_FORMS[bwd][0], "xa", dX_by))
                 why_not = f"X A^T is kept, so dB reads it: the same computation as f{fwd}/b{twin}"
             flops = sympy.expand(forward_flops(fwd, save_xa) + backward_flops(bwd, shape, xa_saved))
+            # Hashed masks (fxlora.ops.lora.hashed_keep) replay in one fused pass: a packed record only adds bytes.
+            packs = (False, True) if shape.eager_masks else (False,)
             if shape.traced_dropout and shape.seeded_masks and not why_not:  # a region may draw from a seed instead
-                for packed in (False, True):
+                for packed in packs:
                     forms.append(Form(
                         f"f{fwd}/b{bwd}+seeded" + ("+bits" if packed else ""), flops,
                         saved_bytes(shape, save_xa, packed, fwd in KEEPS_XA), True, "",
@@ -185,7 +187,7 @@ def candidate_forms(shape: LoraShape) -> list[Form]:
                     ))
             if shape.traced_dropout and dX_by == "split_cat":
                 why_not = "the adapter reads the traced drop(x): its dX goes to another input than dY W's"
-            masks = (False, True) if shape.dropout and not shape.traced_dropout and not why_not else (False,)
+            masks = packs if shape.dropout and not shape.traced_dropout and not why_not else (False,)
             draws = shape.dropout and not shape.traced_dropout
             for packed in masks:
                 forms.append(Form(

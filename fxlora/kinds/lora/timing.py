@@ -36,8 +36,8 @@ def time_case(site: LoraSite, shape: LoraShape, form: Form, at_hints: Callable) 
         A = (torch.randn(r, i, dtype=site.adapter_dtype, device=device) * i**-0.5).requires_grad_(site.a_trainable)
         B = (torch.randn(o, r, dtype=site.adapter_dtype, device=device) * 0.01).requires_grad_(site.b_trainable)
         kwargs = dict(flags)
-        if spec.seeded:
-            kwargs["seed"] = torch.tensor(1234, dtype=torch.int64)
+        if spec.seeded or (spec.fast_rng and p):
+            kwargs["seed"] = torch.tensor(1234, dtype=torch.int64, device=device)
         wrt = [t for t in (x, A, B) if t.requires_grad]
         args = (x, W, bias, A, B, torch.tensor(2.0), *positional)
         dy = torch.randn(T, o, dtype=torch.promote_types(site.compute_dtype, adapter_dtype), device=device)
