@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fxlora.ops._common import base_weight
+from fxlora.ops.inline import inline_check
 from fxlora.ops.lora import _draw_keep, _dy_b, _dyt_xa, _keep_scale, _pack_mask, _unpacked_keep
 
 
@@ -150,3 +151,9 @@ def _(dy, x, weight, lora_A, lora_B, scale, mag_scale, z, bits, dropout_p, conv1
 
 
 dora_dropped_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@inline_check("fxlora::dora_dropped_linear")
+@inline_check("fxlora::dora_dropped_linear_backward")
+def _(**_) -> str:
+    return "its mask is drawn by the RNG and its dropped fraction runs as sparse products (CSR, SDDMM), which Inductor does not lower"

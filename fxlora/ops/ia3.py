@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fxlora.ops._common import NO_TENSOR, base_weight
+from fxlora.ops.inline import inline_check, pure
 
 def _saves_h(scale_input: bool, form: str) -> bool:
     return not scale_input and form == "act"
@@ -168,3 +169,6 @@ def _(dy, x, h, weight, bias, l, scale_input, form, compute_dtype, vector_dtype,
 
 
 ia3_linear.register_autograd(_backward, setup_context=_setup_context)
+
+inline_check("fxlora::ia3_linear")(pure)
+inline_check("fxlora::ia3_linear_backward")(pure)

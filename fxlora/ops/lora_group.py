@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fxlora.ops._common import NO_TENSOR, base_weight
-from fxlora.ops.inline import inline_check
+from fxlora.ops.inline import inline_check, pure
 from fxlora.ops.lora import KEEPS_XA, _dy_b, _dyt_xa, strided_rows
 
 SHARED_DOWN = (1, 4)  # forwards whose X A^T comes from the group's one down-projection GEMM
@@ -256,8 +256,5 @@ def _(dys, x, xa_kept, weights, lora_As, lora_Bs, scales, dtype, forward_forms, 
 lora_group_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-@inline_check("fxlora::lora_group_linear")
-@inline_check("fxlora::lora_group_linear_backward")
-def _(**_) -> None:
-    """No dropout, no state: a group op's body is always a pure function of its inputs."""
-    return None
+inline_check("fxlora::lora_group_linear")(pure)  # no dropout, no state
+inline_check("fxlora::lora_group_linear_backward")(pure)

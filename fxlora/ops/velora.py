@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fxlora.ops._common import NO_TENSOR, base_weight
+from fxlora.ops.inline import inline_check, pure
 from fxlora.ops.lora import fake_grads
 
 
@@ -145,3 +146,6 @@ def _(dy, zp, xa, weight, lora_A, lora_B, scale, v, base_dtype, adapter_dtype, c
 
 
 velora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+inline_check("fxlora::velora_linear")(pure)
+inline_check("fxlora::velora_linear_backward")(pure)

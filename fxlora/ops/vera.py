@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fxlora.ops._common import NO_TENSOR, base_weight
+from fxlora.ops.inline import inline_check, pure
 
 
 def _delta(A: Tensor, B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
@@ -149,3 +150,6 @@ def _(dy, x, u, weight, bias, A, B, lambda_d, lambda_b, form, compute_dtype, con
 
 
 vera_linear.register_autograd(_backward, setup_context=_setup_context)
+
+inline_check("fxlora::vera_linear")(pure)
+inline_check("fxlora::vera_linear_backward")(pure)
