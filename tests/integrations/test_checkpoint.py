@@ -163,17 +163,17 @@ def test_the_side_effect_switch_is_fxloras_alone():
 
 
 class _SeededDropout(torch.nn.Module):
-    """PEFT's dropout as fxlora's "+seeded" forms draw it: a seed from the global RNG, then fast masks from it."""
+    """PEFT's dropout as fxlora's "+seeded" forms draw it: a seed from the global RNG, then the mask hashed from it."""
 
     def __init__(self, p):
         super().__init__()
         self.p = p
 
     def forward(self, x):
-        from fxlora.ops.lora import _draw_keep, _seeded
+        from fxlora.ops.lora import hashed_keep
 
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-        return x * _draw_keep(x.shape, self.p, x.dtype, x.device, True, _seeded(seed, x.device)) / (1 - self.p)
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+        return x * hashed_keep(seed, x.shape, self.p) / (1 - self.p)
 
 
 @pytest.mark.parametrize("form", ["f1/b1+seeded", pytest.param("f1/b10+seeded+bits", marks=pytest.mark.slow)])
