@@ -122,6 +122,7 @@ def compile_graph(
     def compile_whole(graph: fx.GraphModule) -> Callable:
         return compile_piece(graph, example_inputs) if split is None else split(graph, example_inputs, compile_piece)
 
+    hits = _cache_hits()
     try:
         try:
             compiled = compile_whole(gm)
@@ -136,6 +137,8 @@ def compile_graph(
             untouched(report, "the graph fell back (see below)")
             compiled = compile_whole(original)
         count([*report.kinds, *(k for r in report.regions for k in r.kinds)])
+        if rewritten and config.inline_ops and config.inner == "inductor" and not report.inlined and _cache_hits() > hits:
+            report.notes.append(CACHED_NOTE)
     finally:  # after compiling, so DDP's pieces are in the log and the dump
         if on_report is None:
             record(report)
@@ -204,6 +207,17 @@ def _inner_compile(
     functorch_patches = {"ban_recompute_materialized_backward": False} if rematerialize else {}
     with torch._functorch.config.patch(functorch_patches):
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+CACHED_NOTE = ("op bodies: this graph came compiled from Inductor's cache; its ops were inlined when it was "
+               "first compiled (set inline_ops=False to compare)")
+
+
+def _cache_hits() -> int:
+    """Inductor's FX graph cache and AOTAutograd's cache: a hit skips the post-grad passes (and so the inlining)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
 def _compile_id() -> str:

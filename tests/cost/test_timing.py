@@ -18,9 +18,13 @@ from fxlora.testing.models import tiny_model, token_batch, with_lora
 
 
 def _case(key, calls):
+    """Cases of equal cost (2 ms), so none falls out of the race by noise (OUT_OF_RACE)."""
+    import time as _time
+
     def build():
         def call():
             calls.append(key)
+            _time.sleep(0.002)
         return call
     return TimingCase(key, build)
 

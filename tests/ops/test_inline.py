@@ -25,6 +25,13 @@ FAST = ("lora", "ia3")  # the others compile in the slow set (`make test-all`)
 CHEAP = {"objective": "saved_bytes"}  # no timing: the test compiles, it does not race forms
 
 
+@pytest.fixture(autouse=True)
+def no_compile_caches():
+    """The pass runs when Inductor compiles; a graph loaded from its caches was inlined when first compiled."""
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
 def _model(attach, **kw):
     return attach(tiny_model("llama", hidden=32, layers=1, **kw)).train()
 
@@ -118,3 +125,15 @@ def test_inline_replaces_the_op_and_its_getitems():
     assert result.inlined == {"fxlora::lora_linear": 1}
     assert not any(getattr(n.target, "namespace", None) == "fxlora" for n in gm.graph.nodes)
     torch.testing.assert_close(gm(*args), f(*args))
+
+
+def test_a_graph_from_inductors_cache_says_so():
+    from fxlora.backend import CACHED_NOTE
+
+    batch = token_batch(2, 8)
+    with torch._inductor.config.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            step(torch.compile(_model(ATTACH["lora"]), backend="fxlora", options=CHEAP), batch)
+    g = fxlora.last_report().graphs[-1]
+    assert g.inlined or CACHED_NOTE in g.notes
