@@ -17,8 +17,10 @@ CONTESTANTS = (FLOOR, *PEERS, "fxlora")
 # A frozen, eager and Inductor: the honest peer, since autograd then keeps only x A^T too.
 # "ungrouped": exact, one op per site (group_shared_input=False), the before of shared-input groups.
 # "opaque": exact, every op running its eager body (inline_ops=False), the before of compiled op bodies.
-VARIANTS = ("exact", "lora-fa", "velora", "lora-fa+velora", "ungrouped", "opaque")
-EXACT_VARIANTS = {"fxlora-ungrouped": {"group_shared_input": False}, "fxlora-opaque": {"inline_ops": False}}
+# "saved-bytes": exact, forms by the cost model alone (objective="saved_bytes": no timing).
+VARIANTS = ("exact", "lora-fa", "velora", "lora-fa+velora", "ungrouped", "opaque", "saved-bytes")
+EXACT_VARIANTS = {"fxlora-ungrouped": {"group_shared_input": False}, "fxlora-opaque": {"inline_ops": False},
+                  "fxlora-saved-bytes": {"objective": "saved_bytes"}}
 FA_PEERS = ("peft-fa-eager", "peft-fa-inductor")
 VARIANT_CONTESTANTS = tuple("fxlora" if v == "exact" else f"fxlora-{v}" for v in VARIANTS)
 LORA_REFERENCE = "fxlora-lora"  # --adapter dora: fxlora on the same model with plain LoRA, the cost DoRA should match

@@ -123,6 +123,7 @@ def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool,
 
 
 _LOW32 = 0xFFFFFFFF
+_WEYL = 0x61C88647  # 2^32 - round(2^32 / golden ratio): odd and below 2^31 (index * _WEYL stays in int64)
 
 
 def _mix32(h: Tensor) -> Tensor:
@@ -137,15 +138,19 @@ def _mix32(h: Tensor) -> Tensor:
 
 def hashed_keep(seed: Tensor, shape: Sequence, p: float) -> Tensor:
     """Dropout's keep mask as a counter-based hash of (seed, element index): keep where the low 31 bits
-    of mix(mix(index ^ seed_lo) ^ seed_hi) fall below round((1 - p) 2^31), so p' is p to 2^-31.
+    of mix((index * w + seed_lo) mod 2^32 ^ seed_hi) fall below round((1 - p) 2^31), so p' is p to 2^-31
+    (a Weyl step w = 2^32 / golden ratio, as splitmix's, spreads consecutive indices before the mix).
 
     A pure function of a 0-d int64 seed the graph drew: backward (or a checkpointed region's recompute)
     replays the mask from the seed's 8 bytes, no RNG state crosses to the host, Inductor fuses the hash
-    into the kernel that reads x, and CPU and CUDA draw the same mask (integer arithmetic only)."""
-    n = math.prod(shape)
-    index = torch.arange(n, dtype=torch.int64, device=seed.device)
+    into the kernel that reads x, and CPU and CUDA draw the same mask (integer arithmetic only). One mixing
+    round after the Weyl step: each op is generated again wherever Inductor inlines the mask (two rounds
+    doubled the first compile on this CPU). Masks of independent random seeds (the graph draws 62 random
+    bits per site and step) are independent; nearby seeds (s, s + 1) are not, and the graph never draws
+    them on purpose. The counter wraps at 2^32 elements per tensor."""
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=seed.device)
     s = seed.reshape(())
-    h = _mix32(_mix32((index & _LOW32) ^ (s & _LOW32)) ^ ((s >> 32) & _LOW32) ^ (index >> 32))
+    h = _mix32(((index * _WEYL + (s & _LOW32)) & _LOW32) ^ ((s >> 32) & _LOW32))
     return ((h & 0x7FFFFFFF) < _keep_threshold(p)).view(shape)
 
 
@@ -223,7 +228,8 @@ def lora_linear(
     graph's own RNG, not an op's). Then p is 0 here, forwards 1 and 4 only, and backward returns
     the base's dX for x and the adapter's for x_adapter (dropout's own backward masks it).
     `seed`: a 0-d int64 the graph drew. With `fast_rng` the mask is `hashed_keep(seed)`; with eager
-    masks it comes from a generator seeded with it. Either way a backward or a checkpointed region's
+    masks it comes from a generator seeded with it. (`fast_rng` without a seed draws from the
+    seedless fast generator, recording the RNG state: the timing's stand-in, never inlined.) Either way a backward or a checkpointed region's
     recompute (which reads the same seed) draws the same mask, and the record is the seed (int64 (1,)).
 
     Returns (y, x A^T if save_xa else empty, the mask record if p > 0 else empty): the RNG
@@ -234,8 +240,6 @@ def lora_linear(
     record = x.new_empty(NO_TENSOR, dtype=torch.uint8)
     xa = x.new_empty(NO_TENSOR, dtype=adapter_dtype)
     if dropout_p > 0:
-        if fast_rng and seed is None:
-            raise ValueError("fxlora::lora_linear: fast masks are hashed from a seed; pass seed=")
         generator = None if seed is None or fast_rng else _seeded(seed, x.device)
         if not packed_mask:
             record = _rng_state(x.device) if seed is None else seed.reshape(1).clone()

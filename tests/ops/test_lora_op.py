@@ -145,12 +145,15 @@ def test_dropout_masks_replayed_or_packed_are_the_forwards(fast_rng, packed_mask
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.001, 0.1])
 def test_hashed_masks_keep_one_minus_p_independently(p):
-    """Counter-based masks: rate 1 - p (to 2^-31), neighbours independent, seeds independent, a pure
-    function of (seed, index): the same mask again from the same seed, whatever the global RNG."""
+    """Counter-based masks: rate 1 - p (to 2^-31), neighbours independent, random seeds (as the graph
+    draws them) independent, a pure function of (seed, index): the same mask again from the same seed,
+    whatever the global RNG."""
     from fxlora.ops.lora import hashed_keep
 
     n = 1 << 20
-    seeds = [torch.tensor(s, dtype=torch.int64) for s in (0, 1, 2**32, 2**61 + 12345)]
+    # Seeds as the graph draws them (torch.randint(0, 2**62)): each site, layer and step its own random seed.
+    gen = torch.Generator().manual_seed(p.as_integer_ratio()[1])
+    seeds = list(torch.randint(0, 2**62, (4,), dtype=torch.int64, generator=gen))
     keeps = [hashed_keep(s, (n,), p).double() for s in seeds]
     sigma = (p * (1 - p) / n) ** 0.5
     for keep in keeps:
