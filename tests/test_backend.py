@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fxlora
+from fxlora.backend import CACHED_NOTE
 from fxlora.testing.models import tiny_model, token_batch, with_lora
 from tests.helpers import assert_same_step, compiled, loss_and_grads
 
@@ -112,8 +113,12 @@ def test_inductor_dropout_sites_draw_eager_masks_under_fallback_random():
     torch.manual_seed(2)
     got = loss_and_grads(torch.compile(model, backend="fxlora", options={"fallback_random": True}), batch)
     assert_same_step(ref, got, rtol=1e-4, atol=1e-5)
-    decisions = fxlora.last_report().graphs[-1].decisions
+    graph = fxlora.last_report().graphs[-1]
+    decisions = graph.decisions
     assert len(decisions) == 7 and all(d.rewritten and not d.chosen.form.spec.fast_rng for d in decisions)
+    # Must not inline: eager's masks come from the global RNG (fxlora/ops/inline.py says why).
+    opaque = [why for r in graph.inlined for _, why in r.opaque]
+    assert (opaque or CACHED_NOTE in graph.notes) and all("eager's dropout masks" in why for why in opaque)
 
     torch._dynamo.reset()
     torch.manual_seed(2)

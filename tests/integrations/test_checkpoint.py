@@ -116,6 +116,7 @@ def _saved_bytes(compiled, batch) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.slow  # `make test` under 15 min cold (issue 31: Inductor now also compiles the op bodies)
 def test_rewritten_regions_save_no_more_than_the_reference():
     """A region keeps only its inputs, rewritten or not: fxlora's step saves what aot_eager's saves
     when aot_eager traces the same regions (transformers >= 5.25 needs Dynamo's switch for that,

@@ -38,8 +38,9 @@ CASES = {
 
 @pytest.mark.parametrize("case", [
     "sftconfig_defaults", "fp32_checkpointing_dropout",
-    pytest.param("fp32_qlora_nf4", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                                           reason="QLoRA needs bitsandbytes (the quant extra)")),
+    pytest.param("fp32_qlora_nf4", marks=[pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                                            reason="QLoRA needs bitsandbytes (the quant extra)"),
+                                          pytest.mark.slow]),  # `make test` under 15 min cold; QLoRA: tests/kinds/lora/test_qlora.py
     pytest.param("fp32_no_checkpointing", marks=pytest.mark.slow),  # slow: keeps `make test` short
 ])
 def test_sft_trainer_lora_under_fxlora(clean_environ, monkeypatch, tmp_path, case):
