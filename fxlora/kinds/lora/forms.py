@@ -33,10 +33,10 @@ class LoraShape:
     x_needs_grad: bool = True
     dropout: bool = False
     mixed_dtypes: bool = False  # base and adapter compute in different dtypes (bf16 W, fp32 A/B)
-    eager_masks: bool = True  # dropout draws eager's masks (Config.eager_masks) or the fast generator's
+    eager_masks: bool = True  # dropout draws eager's masks (Config.eager_masks) or masks hashed from a graph-drawn seed
     recomputed: bool = False  # in a checkpointed region: the forward runs again in backward,
     # so dropout stays the traced op (its RNG is replayed by AOTAutograd) and the op reads drop(x),
-    seeded_masks: bool = False  # or (fast masks allowed, CPU) the op draws from a seed the graph drew
+    seeded_masks: bool = False  # or (hashed masks allowed) the op hashes its mask from a seed the graph drew
 
     @property
     def traced_dropout(self) -> bool:
