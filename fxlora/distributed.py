@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from fxlora.graph.read import module_path
+from fxlora.ops._common import is_fxlora_op
 
 # A backend callable that wants the whole graph under DDP carries this attribute and takes a
 # `split` keyword: a function (rewritten gm, example_inputs, compile_piece) -> compiled callable.
@@ -107,7 +108,7 @@ def fxlora_op_sites(graph: fx.Graph) -> list[str]:
     """The module path of each fxlora op in a graph (op name added unless LoRA): explain's list per DDP piece."""
     calls = []
     for node in graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxlora":
+        if is_fxlora_op(node):
             # the rewrite gives the op's result (a getitem) the site's metadata; a group op has one per site
             if node.target._opname == "lora_group_linear":
                 calls += [module_path(user) or user.name for user in sorted(node.users, key=lambda u: u.args[1])]

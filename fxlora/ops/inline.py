@@ -34,6 +34,8 @@ import torch.utils._pytree as pytree
 from torch.fx.operator_schemas import normalize_function
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from fxlora.ops._common import is_fxlora_op
+
 log = logging.getLogger("fxlora")
 
 # op name ("fxlora::lora_linear") -> why_not(*args, **kwargs): a reason the body must stay opaque, or None
@@ -63,11 +65,6 @@ class InlineResult:
     opaque: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
-def _is_fxlora_op(node: fx.Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-        and node.target.namespace == "fxlora"
-
-
 def _body(qualname: str) -> Callable:
     """The Python function `torch.library.custom_op` wrapped: the op's eager body."""
     return torch._library.custom_ops.OPDEFS[qualname]._init_fn
@@ -76,7 +73,7 @@ def _body(qualname: str) -> Callable:
 def inline_ops(graph: fx.Graph) -> InlineResult:
     """Replace every fxlora op node of `graph` whose body traces by that trace; return what it did."""
     result = InlineResult()
-    for node in [n for n in graph.nodes if _is_fxlora_op(n)]:
+    for node in [n for n in graph.nodes if is_fxlora_op(n)]:
         name = node.target.name().split(".")[0]  # "fxlora::lora_linear"
         why = _why_not(name, node)
         if why is None:

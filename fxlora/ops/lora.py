@@ -101,18 +101,16 @@ def _seeded(seed: Tensor, device) -> torch.Generator:
 
 
 def _draw_keep(shape, p: float, dtype: torch.dtype, device, fast: bool,
-               generator: Optional[torch.Generator] = None, seed: Optional[Tensor] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None) -> Tensor:
     """Which elements dropout keeps (bool), keep ~ Bernoulli(1 - p).
 
     eager (`fast=False`): drawn exactly as ATen's dropout draws it (`bernoulli_` on a tensor of
-    x's dtype), so the mask equals eager's. fast with a `seed`: `hashed_keep`, a pure function of
-    the seed and the element index that Inductor compiles. fast without one (DoRA's sparse-mask
-    op): 16 uniform bits per element (a quarter of a full-range int64 `random_`, read as int16),
-    kept below round((1-p) 2^16); for p under SIXTEEN_BITS_FROM, 31 bits (half an int64 word)."""
+    x's dtype), so the mask equals eager's. fast: the seedless generator (DoRA's sparse-mask op,
+    the timing's stand-in; a graph-drawn seed's masks are `hashed_keep`'s): 16 uniform bits per
+    element (a quarter of a full-range int64 `random_`, read as int16), kept below
+    round((1-p) 2^16); for p under SIXTEEN_BITS_FROM, 31 bits (half an int64 word)."""
     if not fast:
         return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p, generator=generator) != 0
-    if seed is not None:
-        return hashed_keep(seed, shape, p)
     n = math.prod(shape)
     if p >= SIXTEEN_BITS_FROM:  # signed int16 b keeps where b + 2^15 < threshold
         words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
@@ -152,6 +150,11 @@ def hashed_keep(seed: Tensor, shape: Sequence, p: float) -> Tensor:
     s = seed.reshape(())
     h = _mix32(((index * _WEYL + (s & _LOW32)) & _LOW32) ^ ((s >> 32) & _LOW32))
     return ((h & 0x7FFFFFFF) < _keep_threshold(p)).view(shape)
+
+
+def _seeded_keep(seed: Tensor, shape, p: float, dtype: torch.dtype, device, fast: bool) -> Tensor:
+    """The mask a graph-drawn seed stands for: hashed from it (fast), or eager's drawn from a generator seeded with it."""
+    return hashed_keep(seed, shape, p) if fast else _draw_keep(shape, p, dtype, device, False, _seeded(seed, device))
 
 
 def _keep_scale(p: float, dtype: torch.dtype, device) -> Tensor:
@@ -228,9 +231,10 @@ def lora_linear(
     graph's own RNG, not an op's). Then p is 0 here, forwards 1 and 4 only, and backward returns
     the base's dX for x and the adapter's for x_adapter (dropout's own backward masks it).
     `seed`: a 0-d int64 the graph drew. With `fast_rng` the mask is `hashed_keep(seed)`; with eager
-    masks it comes from a generator seeded with it. (`fast_rng` without a seed draws from the
-    seedless fast generator, recording the RNG state: the timing's stand-in, never inlined.) Either way a backward or a checkpointed region's
+    masks it comes from a generator seeded with it. Either way a backward or a checkpointed region's
     recompute (which reads the same seed) draws the same mask, and the record is the seed (int64 (1,)).
+    (`fast_rng` without a seed draws from the seedless fast generator, recording the RNG state: the
+    timing's stand-in, never inlined.)
 
     Returns (y, x A^T if save_xa else empty, the mask record if p > 0 else empty): the RNG
     state the mask was drawn from, or with `packed_mask` the mask itself, 1 bit per element."""
@@ -240,10 +244,10 @@ def lora_linear(
     record = x.new_empty(NO_TENSOR, dtype=torch.uint8)
     xa = x.new_empty(NO_TENSOR, dtype=adapter_dtype)
     if dropout_p > 0:
-        generator = None if seed is None or fast_rng else _seeded(seed, x.device)
         if not packed_mask:
             record = _rng_state(x.device) if seed is None else seed.reshape(1).clone()
-        keep = _draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng, generator, seed)
+        keep = (_draw_keep(x.shape, dropout_p, mask_dtype, x.device, fast_rng) if seed is None
+                else _seeded_keep(seed, x.shape, dropout_p, mask_dtype, x.device, fast_rng))
         if packed_mask:
             record = _pack_mask(keep)
         x_in = _masked(x, keep, adapter_dtype)
@@ -313,9 +317,7 @@ def _replayed_keep(rng_state: Tensor, shape: Sequence[int], p: float, mask_dtype
                    device: torch.device, fast: bool, seeded: bool = False) -> Tensor:
     """The forward's dropout mask, drawn again from the saved RNG state (or seed); the caller's RNG is untouched."""
     if seeded:
-        if fast:
-            return hashed_keep(rng_state, shape, p)
-        return _draw_keep(shape, p, mask_dtype, device, fast, _seeded(rng_state, device))
+        return _seeded_keep(rng_state, shape, p, mask_dtype, device, fast)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
         if device.type == "cuda":

@@ -54,16 +54,18 @@ def _replace_exact(site: LoraSite, spec: LoraSpec, last_draw: Optional[fx.Node])
     """Returns the node of this site's mask record (or `last_draw` without an RNG-state draw)."""
     n = site.nodes
     graph = n.add.graph
-    draws = bool(site.dropout_p) and not spec.traced_dropout and not spec.seeded
-    hashed = draws and spec.fast_rng  # the mask is hashed from a seed: no RNG state, no draw order to keep
+    dropped = bool(site.dropout_p) and not spec.traced_dropout  # the op itself masks x
+    # A graph-drawn seed (a region's "+seeded" forms, or hashed masks): backward and a region's recompute
+    # read the same one. Otherwise the op draws from the RNG state, in program order (`after`).
+    seeded = spec.seeded or (dropped and spec.fast_rng)
+    draws = dropped and not seeded
     positional, flags = op_arguments(site, spec)
     with inserting_before(n.add) as inserted:
         if spec.traced_dropout:  # the traced dropout stays (and its casts): the op reads its output
             flags["x_adapter"] = n.dropout
-        if spec.seeded or hashed:  # a graph-drawn seed: backward and a region's recompute read the same one
+        if seeded:
             flags["seed"] = graph.call_function(torch.randint, (0, 2**62, ()),
                                                 {"dtype": torch.int64, "device": value(n.x).device})
-            draws = False
         op = graph.call_function(
             torch.ops.fxlora.lora_linear.default,
             (n.x, n.weight, n.bias, n.lora_A, n.lora_B, scale_node(graph, n.scale), *positional),
