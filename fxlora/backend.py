@@ -16,7 +16,8 @@ import torch.fx as fx
 
 from fxlora.accounting import describe_graph
 from fxlora.breaks import ended_by
-from fxlora.config import Config, check_mode
+from fxlora.budget import BudgetPartitioner
+from fxlora.config import Config, MemoryBudget, check_mode
 from fxlora.distributed import ddp_piece_note, fxlora_op_sites, splits_after_rewrite, unsupported_parallelism
 from fxlora.graph.edit import copy_graph_module
 from fxlora.graph.read import parameter_inputs
@@ -117,7 +118,9 @@ def compile_graph(
         if split is not None:
             report.pieces.append(fxlora_op_sites(piece.graph))
         inline = InlineOpsPass(report.inlined) if config.inline_ops and rewritten else None
-        return _inner_compile(piece, inputs, config, mode, rematerialize=remat, inline=inline)
+        budget = (BudgetPartitioner(MemoryBudget.parse(config.memory_budget), report.budget)
+                  if config.memory_budget is not None else None)
+        return _inner_compile(piece, inputs, config, mode, rematerialize=remat, inline=inline, budget=budget)
 
     def compile_whole(graph: fx.GraphModule) -> Callable:
         return compile_piece(graph, example_inputs) if split is None else split(graph, example_inputs, compile_piece)
@@ -183,20 +186,23 @@ _DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.Ski
 
 def _inner_compile(
     gm: fx.GraphModule, example_inputs, config: Config, mode: Optional[str], rematerialize: bool = False,
-    inline: Optional[InlineOpsPass] = None,
+    inline: Optional[InlineOpsPass] = None, budget: Optional[BudgetPartitioner] = None,
 ) -> Callable:
+    """`budget` replaces the min-cut partitioner by one that meets the user's memory budget (fxlora/budget.py)."""
     if config.inner == "eager":
         return gm.forward
     if config.inner == "aot_eager":
-        from torch._dynamo.backends.registry import lookup_backend
+        from torch._dynamo.backends.debugging import aot_eager
 
-        return lookup_backend("aot_eager")(gm, example_inputs)
+        return aot_eager(gm, example_inputs) if budget is None else _aot_eager_with(budget)(gm, example_inputs)
     from torch._inductor import config as inductor_config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(config.inductor)
+    if budget is not None:
+        patches["custom_partitioner_fn"] = budget
     if inline is not None:  # first among the post-grad passes, before the user's own
         theirs = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
         patches["post_grad_custom_pre_pass"] = [inline, *get_custom_graph_passes(theirs)]
@@ -207,6 +213,15 @@ def _inner_compile(
     functorch_patches = {"ban_recompute_materialized_backward": False} if rematerialize else {}
     with torch._functorch.config.patch(functorch_patches):
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _aot_eager_with(partition_fn: Callable) -> Callable:
+    """aot_eager (AOTAutograd, no codegen) with another partitioner than its min cut."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition_fn,
+                        keep_inference_input_mutations=True)
 
 
 CACHED_NOTE = ("op bodies: this graph came compiled from Inductor's cache; its ops were inlined when it was "

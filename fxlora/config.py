@@ -81,6 +81,13 @@ class Config:
         Inductor lowers and fuses with its neighbours (fxlora/ops/inline.py); the report counts
         them per graph and names any op left opaque and why. False: every op runs its eager
         body, as under "aot_eager" (for comparison). Inductor only; exact either way.
+    memory_budget: the most bytes backward may keep from forward, as bytes (an int, or "512MiB",
+        "2GiB") or as a fraction of what the step keeps without a budget (0.5, "50%"); None
+        (default): no budget. fxlora then asks Inductor's min-cut partitioner for the least
+        recomputation that fits: a knapsack over what it may recompute, priced by FLOPs with
+        fxlora's ops counted by their bodies (fxlora/budget.py, docs/memory-budget.md). Bytes
+        exclude the graph's inputs (parameters, the batch) and apply to each compiled graph.
+        Exact: recomputing changes no result. "inductor" or "aot_eager" (min-cut) only.
     in_checkpoint: set by fxlora itself on the body of an activation-checkpointed region
         (fxlora/checkpoint.py), whose forward runs again in backward; not a user option.
     """
@@ -101,6 +108,7 @@ class Config:
     skip_checkpoint_side_effects: bool = True
     group_shared_input: bool = True
     inline_ops: bool = True
+    memory_budget: Union[None, float, int, str] = None
     in_checkpoint: bool = False
 
     def __post_init__(self):
@@ -132,6 +140,10 @@ class Config:
         _check_choice("scaling_form", self.scaling_form, SCALING_FORMS)
         if self.compress is not None:
             object.__setattr__(self, "compress", types.MappingProxyType(normalize_compress(self.compress)))
+        if self.memory_budget is not None:
+            MemoryBudget.parse(self.memory_budget)  # raises with what is allowed
+            if self.inner == "eager":
+                raise ValueError("fxlora option 'memory_budget' needs a partitioner: use inner='inductor' (default) or 'aot_eager'")
         if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
             raise ValueError(
                 f"fxlora option 'dump_graphs' must be a directory path (str) or None, got {self.dump_graphs!r}"
@@ -192,6 +204,47 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The `memory_budget` option, read: exactly one of a byte count and a fraction."""
+
+    text: str  # as the user wrote it, for the report
+    bytes: Optional[int] = None
+    fraction: Optional[float] = None
+
+    @classmethod
+    def parse(cls, value: Union[float, int, str]) -> "MemoryBudget":
+        what = (f"fxlora option 'memory_budget' must be bytes (an int, or a string such as '512MiB', '2GiB') "
+                f"or a fraction of the unbudgeted step's saved bytes in [0, 1] (0.5 or '50%'); got {value!r}")
+        if isinstance(value, bool):
+            raise ValueError(what)
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError(what)
+            return cls(text=f"{value} bytes", bytes=value)
+        if isinstance(value, float):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(what + (" (a float is a fraction; give bytes as an int)" if value > 1 else ""))
+            return cls(text=f"{value:g} of the unbudgeted step", fraction=value)
+        if isinstance(value, str):
+            text = value.strip().replace(" ", "")
+            percent = re.fullmatch(r"([0-9]*\.?[0-9]+)%", text)
+            if percent:
+                return cls.parse(float(percent[1]) / 100)
+            sized = re.fullmatch(r"([0-9]*\.?[0-9]+)([A-Za-z]*)", text)
+            if sized and sized[2].lower() in _UNITS:
+                return cls(text=value.strip(), bytes=int(float(sized[1]) * _UNITS[sized[2].lower()]))
+        raise ValueError(what)
+
+    def target(self, unbudgeted_bytes: int) -> int:
+        """The bytes a graph that keeps `unbudgeted_bytes` without a budget may keep."""
+        return self.bytes if self.bytes is not None else int(self.fraction * unbudgeted_bytes)
 
 
 COMPRESS_METHODS = ("velora",)

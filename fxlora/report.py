@@ -87,6 +87,7 @@ class GraphReport(_Results):
     frame_code: str = ""  # "file:line name" of that frame's code: Dynamo reuses the graph for its class's instances
     parameters: list = field(default_factory=list)  # weakref per parameter the graph reads
     inlined: list = field(default_factory=list)  # InlineResult per graph Inductor compiled (forward, backward)
+    budget: list = field(default_factory=list)  # BudgetResult per partitioned graph (fxlora/budget.py), with memory_budget
 
     @property
     def all_sites(self) -> list:
@@ -274,7 +275,8 @@ def format_breaks(breaks: list[GraphBreak]) -> list[str]:
 def _format_graph(g: GraphReport, verbose: bool) -> list[str]:
     head = f"fxlora graph {g.compile_id} ({g.num_nodes} nodes)"
     if not g.kinds:
-        return [head, f"  left untouched: {g.fallback}", *(f"  {note}" for note in g.notes), *_format_pieces(g)]
+        return [head, f"  left untouched: {g.fallback}", *(f"  {note}" for note in g.notes), *_format_budget(g),
+                *_format_pieces(g)]
     lines = [f"{head}: {summary(g)}"]
     if g.rules:
         lines.append("  normalised before matching: " + ", ".join(f"{k} x{v}" for k, v in g.rules.items()))
@@ -287,6 +289,7 @@ def _format_graph(g: GraphReport, verbose: bool) -> list[str]:
         lines.append(f"  left untouched: {g.fallback}")
     lines += [f"  {note}" for note in g.notes]
     lines += _format_inlined(g)
+    lines += _format_budget(g)
     lines += _format_pieces(g)
     lines += _format_regions(g, verbose)
     return lines
@@ -308,6 +311,11 @@ def _format_inlined(g: GraphReport) -> list[str]:
              + (" (" + ", ".join(f"{short(k)} x{v}" for k, v in counts.items()) + ")" if counts else "")]
     lines += [f"    left opaque (eager body): {short(name)} x{n}: {why}" for (name, why), n in opaque.items()]
     return lines
+
+
+def _format_budget(g: GraphReport) -> list[str]:
+    """How the memory budget was met, per partitioned graph (a DDP piece each)."""
+    return [f"  {result.format()}" for result in g.budget]
 
 
 def _format_regions(g: GraphReport, verbose: bool) -> list[str]:

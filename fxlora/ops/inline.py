@@ -65,8 +65,10 @@ class InlineResult:
     opaque: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
-def _body(qualname: str) -> Callable:
-    """The Python function `torch.library.custom_op` wrapped: the op's eager body."""
+def op_body(op: Any) -> Callable:
+    """The Python function `torch.library.custom_op` wrapped: the op's eager body. `op`: its
+    qualified name ("fxlora::lora_linear") or an overload (`torch.ops.fxlora.lora_linear.default`)."""
+    qualname = op if isinstance(op, str) else op.name().split(".")[0]
     return torch._library.custom_ops.OPDEFS[qualname]._init_fn
 
 
@@ -103,7 +105,7 @@ def _inline(graph: fx.Graph, node: fx.Node, name: str) -> None:
     flat, spec = pytree.tree_flatten((node.args, node.kwargs))
     at = [k for k, leaf in enumerate(flat) if isinstance(leaf, fx.Node)]
     fakes = [flat[k].meta["val"] for k in at]
-    body = _body(name)
+    body = op_body(name)
 
     def traced(*tensors):
         leaves = list(flat)
