@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,10 +27,11 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
+from fxlora.bench.frontier import BUDGETS, Point, frontier_points, frontier_table, measure_point, plot_frontier, run_frontier
 from fxlora.bench.plot import plot_result
 from fxlora.bench.ranks import run_sweep_on_ranks
 from fxlora.bench.results import BenchResult, Measurement, describe_model, measurement_columns
-from fxlora.bench.run import TqdmProgress, run_sweep
+from fxlora.bench.run import TqdmProgress, machine_info, measure_case, run_sweep
 from fxlora.bench.spec import (
     ADAPTERS,
     ALL_CONTESTANTS,
@@ -119,8 +121,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     out.add_argument("--profile", action="store_true",
                      help="after the timed rounds, one profiled step per contestant: top ops by self time with shapes, "
                           "rank-r GEMMs and full-size copies, in <out-dir>/profile_<tag>/")
+    out.add_argument("--memory-frontier", action="store_true",
+                     help="saved bytes against step time: peft-inductor under activation_memory_budget, fxlora under "
+                          "memory_budget (--budgets), PEFT with HF checkpointing; each point its own process with empty "
+                          "Inductor caches; one case (the first of --seqs/--ranks/--dropouts); plot docs/img/memory_frontier.png")
+    out.add_argument("--budgets", type=_floats, default=tuple(b for b in BUDGETS if b is not None),
+                     help="--memory-frontier's budgets, fractions of the unbudgeted step (none is always run) [0.7,0.5,0.3,0.1]")
+    out.add_argument("--frontier-point", help=argparse.SUPPRESS)  # a child of --memory-frontier: measure one point
+    out.add_argument("--frontier-out", help=argparse.SUPPRESS)
     out.add_argument("--from-json", metavar="PATH", help="measure nothing: redraw table and plot from a saved lora_<tag>.json")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.tag = _run_tag(args)  # once: profiles are written before the table, under the same tag
     return args
 
@@ -359,6 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.from_json:
         return redraw(args)
+    if args.frontier_point:
+        return frontier_point(args)
+    if args.memory_frontier:
+        return memory_frontier(args)
     settings = settings_from(args)
     cases = cases_from(args)
     if settings.steps < 5 or settings.warmup < 2:
@@ -381,6 +396,52 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {m.contestant} at {m.case.label()} rewrote no site: its row measures the untouched "
                   "model (a recompile limit? run with TORCH_LOGS=recompiles)", file=sys.stderr)
     return 1 if result.errors else 0
+
+
+DEFAULT_FRONTIER_PLOT = os.path.join("docs", "img", "memory_frontier.png")
+
+
+def memory_frontier(args: argparse.Namespace) -> int:
+    """Every point in a child process of this command (see fxlora/bench/frontier.py); table, JSON and plot here."""
+    settings, cases = settings_from(args), cases_from(args)
+    drop = {"--memory-frontier": 0, "--budgets": 1, "--plot": 1, "--tag": 1}
+    child: list[str] = []
+    skip = 0
+    for a in args.argv:
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=")[0]
+        if name in drop:
+            skip = drop[name] if "=" not in a else 0
+            continue
+        child.append(a)
+    start = time.time()
+    rows = run_frontier(frontier_points((None, *args.budgets)), child, progress=not args.no_progress)
+    case, shape = cases[0], settings.shape
+    title = (f"{describe_model(_shape_dict(shape))}, {case.label()}, {settings.dtype}, "
+             f"{settings.device}; {settings.steps} steps per point")
+    table = frontier_table(rows)
+    print(title + "\n\n" + table)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"frontier_{args.tag}")
+    record = {"title": title, "machine": machine_info(settings), "duration_s": time.time() - start,
+              "points": [{"point": dataclasses.asdict(p), "measurement": dataclasses.asdict(m)} for p, m in rows]}
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    _write_text(stem + ".md", title + "\n\n" + table + "\n")
+    if not args.no_plot:
+        plot_frontier(rows, args.plot or DEFAULT_FRONTIER_PLOT, title)
+    return 1 if any(m.error for _, m in rows) else 0
+
+
+def frontier_point(args: argparse.Namespace) -> int:
+    """A child of --memory-frontier: measure one point, write its Measurement as JSON."""
+    point = Point(**json.loads(args.frontier_point))
+    m = measure_point(point, cases_from(args)[0], settings_from(args), measure_case)
+    with open(args.frontier_out, "w") as f:
+        json.dump(dataclasses.asdict(m), f)
+    return 0 if not m.error else 1
 
 
 def redraw(args: argparse.Namespace) -> int:

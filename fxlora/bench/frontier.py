@@ -1,0 +1,132 @@
+"""`fxlora bench --memory-frontier`: bytes saved for backward against step time, budget by budget.
+
+Points: peft-inductor under `torch._functorch.config.activation_memory_budget`, fxlora under its
+`memory_budget` option (fxlora/budget.py), and PEFT with Hugging Face gradient checkpointing
+(eager and Inductor). Each point runs in its own process with empty Inductor caches: Dynamo
+reuses a compiled graph for every model of the same code in a process, so a budget set for a
+second model there would silently not apply. Points therefore cannot be interleaved round by
+round as a sweep's contestants are: read each step time with its spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from fxlora.bench.results import Measurement
+from fxlora.bench.spec import MIB, Case, Settings
+
+BUDGETS = (None, 0.7, 0.5, 0.3, 0.1)
+CHECKPOINTED = ("peft-eager", "peft-inductor")  # HF gradient checkpointing: the memory knob users have today
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of the frontier: a contestant, its budget (a fraction) or HF checkpointing."""
+
+    contestant: str  # "peft-inductor", "fxlora" or "peft-eager"
+    budget: Optional[float] = None
+    checkpointing: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.checkpointing:
+            return f"{self.contestant} + HF checkpointing"
+        return self.contestant + ("" if self.budget is None else f" @ {self.budget:g}")
+
+    @property
+    def series(self) -> str:
+        return f"{self.contestant} + HF checkpointing" if self.checkpointing else self.contestant
+
+
+def frontier_points(budgets: Sequence[Optional[float]] = BUDGETS) -> list[Point]:
+    return ([Point(c, b) for c in ("peft-inductor", "fxlora") for b in budgets]
+            + [Point(c, checkpointing=True) for c in CHECKPOINTED])
+
+
+def measure_point(point: Point, case: Case, settings: Settings,
+                  measure: Callable[[Case, Settings], list[Measurement]]) -> Measurement:
+    """In this process (the child): the point's budget set, one contestant measured."""
+    import torch
+
+    options = dict(settings.fxlora_options)
+    if point.budget is not None and point.contestant == "fxlora":
+        options["memory_budget"] = point.budget
+    elif point.budget is not None:
+        torch._functorch.config.activation_memory_budget = point.budget  # what a peft-inductor user sets
+    settings = dataclasses.replace(settings, contestants=(point.contestant,), fxlora_options=options,
+                                   checkpointing=point.checkpointing)
+    return measure(case, settings)[0]
+
+
+def run_frontier(points: Sequence[Point], child_argv: Sequence[str], progress: bool = True) -> list[tuple[Point, Measurement]]:
+    """Each point in a fresh interpreter (`python -m fxlora.bench <child_argv> --frontier-point ...`)
+    with its own empty Inductor cache; what each measured comes back as JSON."""
+    from tqdm import tqdm
+
+    out: list[tuple[Point, Measurement]] = []
+    bar = tqdm(points, desc="memory frontier", disable=not progress)
+    for point in bar:
+        bar.set_postfix_str(point.label)
+        with tempfile.TemporaryDirectory(prefix="fxlora-frontier-") as tmp:
+            path = os.path.join(tmp, "point.json")
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
+                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+            cmd = [sys.executable, "-m", "fxlora.bench", *child_argv, "--no-progress",
+                   "--frontier-point", json.dumps(dataclasses.asdict(point)), "--frontier-out", path]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0 or not os.path.exists(path):
+                last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+                m = Measurement(point.contestant, 0, 0, 0.0, error=f"point process failed (rc {done.returncode}): {last}")
+            else:
+                with open(path) as f:
+                    m = Measurement(**json.load(f))
+        out.append((point, m))
+    return out
+
+
+def frontier_table(rows: Sequence[tuple[Point, Measurement]]) -> str:
+    lines = ["| point | saved MiB | step ms | spread | first step s | peak MiB |", "|---|---|---|---|---|---|"]
+    for p, m in rows:
+        if m.error:
+            lines.append(f"| {p.label} | error: {m.error} | | | | |")
+            continue
+        peak = f"{m.peak_bytes / MIB:.1f}" if m.peak_bytes else "-"
+        lines.append(f"| {p.label} | {m.saved_mib:.1f} | {m.step_ms:.1f} | {m.step_spread:.0%} | "
+                     f"{m.first_step_ms / 1000:.1f} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: Sequence[tuple[Point, Measurement]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[Point, Measurement]]] = {}
+    for p, m in rows:
+        if not m.error:
+            series.setdefault(p.series, []).append((p, m))
+    for name, pts in series.items():
+        pts.sort(key=lambda pm: pm[1].saved_bytes)
+        xs, ys = [m.saved_mib for _, m in pts], [m.step_ms for _, m in pts]
+        ax.plot(xs, ys, marker="o", label=name)
+        for (p, m), x, y in zip(pts, xs, ys):
+            if p.budget is not None:
+                ax.annotate(f"{p.budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("saved for backward (MiB)")
+    ax.set_ylabel("step (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
