@@ -109,6 +109,9 @@ def compile_graph(
         **_holdings(original),
     )
     rewritten = gm is not original
+    budget = MemoryBudget.parse(config.memory_budget) if config.memory_budget is not None else None
+    if split is not None and budget is not None and budget.bytes is not None:
+        report.notes.append(BYTES_PER_PIECE_NOTE)
     if run_with is not None:
         config = config.replace(inner=run_with, verify=False)
     remat = config.rematerialize and rewritten
@@ -118,9 +121,8 @@ def compile_graph(
         if split is not None:
             report.pieces.append(fxlora_op_sites(piece.graph))
         inline = InlineOpsPass(report.inlined) if config.inline_ops and rewritten else None
-        budget = (BudgetPartitioner(MemoryBudget.parse(config.memory_budget), report.budget)
-                  if config.memory_budget is not None else None)
-        return _inner_compile(piece, inputs, config, mode, rematerialize=remat, inline=inline, budget=budget)
+        partitioner = BudgetPartitioner(budget, report.budget) if budget is not None else None
+        return _inner_compile(piece, inputs, config, mode, rematerialize=remat, inline=inline, budget=partitioner)
 
     def compile_whole(graph: fx.GraphModule) -> Callable:
         return compile_piece(graph, example_inputs) if split is None else split(graph, example_inputs, compile_piece)
@@ -140,8 +142,11 @@ def compile_graph(
             untouched(report, "the graph fell back (see below)")
             compiled = compile_whole(original)
         count([*report.kinds, *(k for r in report.regions for k in r.kinds)])
-        if rewritten and config.inline_ops and config.inner == "inductor" and not report.inlined and _cache_hits() > hits:
+        cached = _cache_hits() > hits
+        if rewritten and config.inline_ops and config.inner == "inductor" and not report.inlined and cached:
             report.notes.append(CACHED_NOTE)
+        if budget is not None and not report.budget and cached:
+            report.notes.append(BUDGET_CACHED_NOTE)
     finally:  # after compiling, so DDP's pieces are in the log and the dump
         if on_report is None:
             record(report)
@@ -224,6 +229,10 @@ def _aot_eager_with(partition_fn: Callable) -> Callable:
                         keep_inference_input_mutations=True)
 
 
+BYTES_PER_PIECE_NOTE = ("memory budget: DDP compiles this graph in pieces and a budget in bytes applies to each piece; "
+                        "give a fraction (memory_budget=0.5) for the whole step")
+BUDGET_CACHED_NOTE = ("memory budget: this graph came compiled from a cache, partitioned under the same budget "
+                      "when first compiled (the cache key holds it)")
 CACHED_NOTE = ("op bodies: this graph came compiled from Inductor's cache; its ops were inlined when it was "
                "first compiled (set inline_ops=False to compare)")
 

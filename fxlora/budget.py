@@ -10,8 +10,10 @@ three things it gets wrong on an adapted graph:
   custom op as zero FLOPs; fxlora's ops hold each layer's base GEMM. `node_flops` counts an
   fxlora op by running its body (fake tensors) under the counter.
 - *Candidates.* In its aggressive pass the partitioner treats any op neither random nor in its
-  compute-intensive list as free to recompute: every fxlora op, base GEMM included.
-  `is_non_builtin_to_include` makes them knapsack items with a price instead.
+  compute-intensive list as free to recompute: every fxlora op, base GEMM included, and one
+  whose dropout mask comes from the RNG state would redraw it. `is_non_builtin_to_include` makes
+  the ops knapsack items with a price; those that are not pure functions of their inputs (and
+  random ATen ops such as the seeds' `randint`) are kept (`_protect`).
 - *The cliff.* Before the knapsack, the partitioner returns its "more aggressive" or
   "aggressive" min cut whenever that already fits the fraction, whatever it recomputes: for
   fxlora, any budget below 1 recomputed every adapted linear (+30-40% step). fxlora asks for
@@ -46,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from fxlora.config import MemoryBudget
 from fxlora.graph.edit import copy_graph_module
 from fxlora.ops._common import is_fxlora_op
-from fxlora.ops.inline import op_body
+from fxlora.ops.inline import op_body, why_not_inline
 
 log = logging.getLogger("fxlora")
 
@@ -68,8 +70,11 @@ class BudgetResult:
     recompute_flops: float = 0.0  # FLOPs of those recomputations (fxlora's ops counted by their bodies)
     partitions: int = 0  # min cuts tried
     note: str = ""
+    applied: bool = True  # False: the budgeted partition failed, the graph was partitioned as without a budget
 
     def format(self) -> str:
+        if not self.applied:
+            return f"memory budget {self.requested}: NOT applied: {self.note}"
         mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
         head = (f"memory budget {self.requested}: saved {mib(self.reached_bytes)} of {mib(self.target_bytes)} allowed "
                 f"(unbudgeted {mib(self.unbudgeted_bytes)})")
@@ -125,12 +130,12 @@ class _Flops(CustomRuntimeEstimator):
     """The knapsack's price of recomputing a node: `node_flops`, once per node."""
 
     def __init__(self):
-        self.seen: dict[fx.Node, float] = {}
+        self.seen: dict[str, float] = {}  # by name: each try partitions a copy of the same joint graph
 
     def __call__(self, node: fx.Node) -> float:
-        if node not in self.seen:
-            self.seen[node] = node_flops(node)
-        return self.seen[node]
+        if node.name not in self.seen:
+            self.seen[node.name] = node_flops(node)
+        return self.seen[node.name]
 
     def uuid(self) -> Any:
         return _SOURCE_HASH
@@ -181,8 +186,8 @@ class BudgetPartitioner(CustomPartitionerFn):
             fw, bw, result = self.partition(gm, joint_inputs, **kwargs)
         except Exception as err:  # never why a training run dies: the partitioner as without a budget
             log.warning("fxlora: memory budget not applied (%s: %s)", type(err).__name__, err)
-            self.results.append(BudgetResult(self.budget.text, 0, 0, 0, met=False,
-                                             note=f"not applied ({type(err).__name__}: {err}); partitioned as without a budget"))
+            self.results.append(BudgetResult(self.budget.text, 0, 0, 0, met=False, applied=False,
+                                             note=f"{type(err).__name__}: {err}; partitioned as without a budget"))
             return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         self.results.append(result)
         return fw, bw
@@ -198,7 +203,7 @@ class BudgetPartitioner(CustomPartitionerFn):
                                activation_memory_budget_runtime_estimator=prices, activation_memory_budget_solver=solver)
             joint = copy_graph_module(gm)  # each try starts from the joint graph
             if capacity is not None:
-                _keep_cpu_attention(joint.graph)
+                _protect(joint.graph)
             with functorch_config.patch(patches):
                 fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
             return _Plan(fw, bw, saved_bytes(fw, outputs), solver.total)
@@ -239,11 +244,17 @@ class BudgetPartitioner(CustomPartitionerFn):
         return chosen.fw, chosen.bw, result
 
 
-def _keep_cpu_attention(graph: fx.Graph) -> None:
-    """CPU attention is missing from the partitioner's compute-intensive list (its CUDA kernels are
-    there), so its aggressive pass would recompute it for free: save it, as the default pass does."""
+def _protect(graph: fx.Graph) -> None:
+    """Mark what the knapsack must keep (`MUST_SAVE`, the tag selective checkpointing uses): values
+    whose recomputation would differ (an op drawing random numbers: a seed, an fxlora op whose mask
+    comes from the RNG state, i.e. whose body is not pure) and CPU attention, missing from the
+    partitioner's compute-intensive list (its CUDA kernels are there) and so free to recompute."""
     for n in graph.nodes:
-        if n.target is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default and "recompute" not in n.meta:
+        if n.op != "call_function" or "recompute" in n.meta:
+            continue
+        random = isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
+        impure = is_fxlora_op(n) and why_not_inline(n) is not None
+        if random or impure or n.target is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
             n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 

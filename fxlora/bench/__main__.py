@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
-from fxlora.bench.frontier import BUDGETS, Point, frontier_points, frontier_table, measure_point, plot_frontier, run_frontier
+from fxlora.bench.frontier import BUDGETS, Point, child_argv, frontier_points, frontier_table, measure_point, plot_frontier, run_frontier
 from fxlora.bench.plot import plot_result
 from fxlora.bench.ranks import run_sweep_on_ranks
 from fxlora.bench.results import BenchResult, Measurement, describe_model, measurement_columns
@@ -404,20 +404,8 @@ DEFAULT_FRONTIER_PLOT = os.path.join("docs", "img", "memory_frontier.png")
 def memory_frontier(args: argparse.Namespace) -> int:
     """Every point in a child process of this command (see fxlora/bench/frontier.py); table, JSON and plot here."""
     settings, cases = settings_from(args), cases_from(args)
-    drop = {"--memory-frontier": 0, "--budgets": 1, "--plot": 1, "--tag": 1}
-    child: list[str] = []
-    skip = 0
-    for a in args.argv:
-        if skip:
-            skip -= 1
-            continue
-        name = a.split("=")[0]
-        if name in drop:
-            skip = drop[name] if "=" not in a else 0
-            continue
-        child.append(a)
     start = time.time()
-    rows = run_frontier(frontier_points((None, *args.budgets)), child, progress=not args.no_progress)
+    rows = run_frontier(frontier_points((None, *args.budgets)), child_argv(args.argv), progress=not args.no_progress)
     case, shape = cases[0], settings.shape
     title = (f"{describe_model(_shape_dict(shape))}, {case.label()}, {settings.dtype}, "
              f"{settings.device}; {settings.steps} steps per point")

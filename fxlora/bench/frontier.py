@@ -50,6 +50,25 @@ def frontier_points(budgets: Sequence[Optional[float]] = BUDGETS) -> list[Point]
             + [Point(c, checkpointing=True) for c in CHECKPOINTED])
 
 
+_PARENT_ONLY = {"--memory-frontier": 0, "--budgets": 1, "--plot": 1, "--tag": 1, "--no-plot": 0}  # flag -> values it takes
+
+
+def child_argv(argv: Sequence[str]) -> list[str]:
+    """The parent's command line less what only the parent does (the frontier, its budgets and outputs)."""
+    out: list[str] = []
+    skip = 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        name, has_value = a.split("=")[0], "=" in a
+        if name in _PARENT_ONLY:
+            skip = 0 if has_value else _PARENT_ONLY[name]
+            continue
+        out.append(a)
+    return out
+
+
 def measure_point(point: Point, case: Case, settings: Settings,
                   measure: Callable[[Case, Settings], list[Measurement]]) -> Measurement:
     """In this process (the child): the point's budget set, one contestant measured."""

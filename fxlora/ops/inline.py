@@ -90,6 +90,12 @@ def inline_ops(graph: fx.Graph) -> InlineResult:
     return result
 
 
+def why_not_inline(node: fx.Node) -> Optional[str]:
+    """Why this fxlora op's body is not a pure function of its inputs (None: it is; it may be traced, or
+    run again with the same result, e.g. recomputed in backward)."""
+    return _why_not(node.target.name().split(".")[0], node)
+
+
 def _why_not(name: str, node: fx.Node) -> Optional[str]:
     if name not in _CHECKS:
         return "no inline check registered"
