@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # Fast suite for CI; pytest's exit 5 (no tests collected) is not a failure of ours to hide, so it fails too.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=20
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest

@@ -109,11 +109,11 @@ def compile_graph(
         **_holdings(original),
     )
     rewritten = gm is not original
+    if run_with is not None:  # eager runs what was decided: no partitioner, so no budget
+        config = config.replace(inner=run_with, verify=False, **({"memory_budget": None} if run_with == "eager" else {}))
     budget = MemoryBudget.parse(config.memory_budget) if config.memory_budget is not None else None
     if split is not None and budget is not None and budget.bytes is not None:
         report.notes.append(BYTES_PER_PIECE_NOTE)
-    if run_with is not None:
-        config = config.replace(inner=run_with, verify=False)
     remat = config.rematerialize and rewritten
 
     def compile_piece(piece: fx.GraphModule, inputs: Sequence[Any], **_dynamo_configs: Any) -> Callable:

@@ -26,7 +26,6 @@ budget reached and what backward recomputes for it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -53,8 +52,11 @@ from fxlora.ops.inline import op_body, why_not_inline
 log = logging.getLogger("fxlora")
 
 _KNAPSACK_PATH = 1e-9  # a fraction no early-return min cut fits: the partitioner goes to the knapsack
+_UNCOUNTED = 1e13  # an fxlora op whose FLOPs could not be counted: priced as a large GEMM, so kept
 _BISECTIONS = 6  # capacity halvings after the two ends: ~1.5% of the range
-_SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+# What decides a budgeted partition: this file, and the ops' bodies and purity checks (fxlora/ops).
+_SOURCE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in [Path(__file__), *sorted(
+    (Path(__file__).parent / "ops").glob("*.py"))])).hexdigest()
 
 
 @dataclasses.dataclass
@@ -101,12 +103,14 @@ def node_flops(node: fx.Node) -> float:
     target: Callable = op_body(node.target) if is_fxlora_op(node) else node.target
     args, kwargs = tree_map(_concrete, (node.args, node.kwargs))
     fake_mode = torch._guards.detect_fake_mode([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
+    if fake_mode is None:  # nothing traced to run it on (a factory such as arange): never run it for real
+        return 1.0
     try:
-        with (fake_mode or contextlib.nullcontext()), FlopCounterMode(display=False, custom_mapping=_MORE_FORMULAS) as counter:
+        with fake_mode, FlopCounterMode(display=False, custom_mapping=_MORE_FORMULAS) as counter:
             target(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - a price it cannot count: keep the value (priced high) rather than fail
         log.debug("fxlora: could not count FLOPs of %s (%s: %s)", node, type(err).__name__, err)
-        return 1e18 if is_fxlora_op(node) else 1.0
+        return _UNCOUNTED if is_fxlora_op(node) else 1.0
     return float(max(counter.get_total_flops(), 1))
 
 
@@ -147,12 +151,16 @@ class _Knapsack(CustomKnapsackSolver):
     def __init__(self, capacity: float, prices: _Flops):
         self.capacity, self.prices = capacity, prices
         self.total = 0.0  # the candidates' memory, in the partitioner's units: the capacity that keeps them all
+        self.called = False  # the partitioner reached its knapsack (it may answer before it)
 
     def __call__(self, memory, joint_graph, max_memory, node_info, nodes) -> tuple[list[int], list[int]]:
-        self.total = float(sum(memory))
+        self.called, self.total = True, float(sum(memory))
         if self.capacity >= self.total:  # room for every candidate
             return list(range(len(nodes))), []
-        _, saved, recomputed = dp_knapsack(memory, [self.prices(n) for n in nodes], self.capacity)
+        # In units of the candidates' total: torch's DP table has capacity x 10^4 columns, and the
+        # partitioner's units (fractions of the unbudgeted step over its inputs) can sum far above 1.
+        shares = [m / self.total for m in memory]
+        _, saved, recomputed = dp_knapsack(shares, [self.prices(n) for n in nodes], self.capacity / self.total)
         return saved, recomputed
 
     def uuid(self) -> Any:
@@ -168,6 +176,7 @@ class _Plan:
     bw: fx.GraphModule
     saved: int  # bytes backward keeps, inputs not counted
     capacity_range: float = 0.0  # on the knapsack path: the capacity that keeps every candidate
+    knapsack: bool = False  # the partitioner reached the knapsack (else it answered before it)
 
 
 class BudgetPartitioner(CustomPartitionerFn):
@@ -206,7 +215,7 @@ class BudgetPartitioner(CustomPartitionerFn):
                 _protect(joint.graph)
             with functorch_config.patch(patches):
                 fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
-            return _Plan(fw, bw, saved_bytes(fw, outputs), solver.total)
+            return _Plan(fw, bw, saved_bytes(fw, outputs), solver.total, solver.called)
 
         free = plan(None)
         target = self.budget.target(free.saved)
@@ -216,10 +225,14 @@ class BudgetPartitioner(CustomPartitionerFn):
         else:
             least = plan(0.0)
             tried += 1
-            if least.saved > target:
+            if not least.knapsack:  # e.g. activations smaller than the graph's inputs: its own early answer
+                chosen, met = (least, True) if least.saved <= target else (free, False)
+                note = ("the partitioner answered before its knapsack (this graph keeps less than its inputs "
+                        "weigh), so no capacity was searched" + ("" if met else "; kept the unbudgeted partition"))
+            elif least.saved > target:
                 chosen, met = least, False
-                note = (f"the least the partitioner can keep is {least.saved / 2**20:.1f} MiB (it never recomputes "
-                        "random ops, collectives or what backward needs from the inputs)")
+                note = (f"the least the partitioner can keep is {least.saved / 2**20:.1f} MiB (it keeps random draws, "
+                        "ops whose dropout masks come from the RNG state, collectives, and what backward reads of the inputs)")
             else:
                 chosen, met, note = least, True, ""
                 most = plan(math.inf)
@@ -239,6 +252,8 @@ class BudgetPartitioner(CustomPartitionerFn):
                             chosen, lo = p, mid
                         else:
                             hi = mid
+                    if chosen.saved < 0.9 * target:
+                        note = f"lands below the budget: the knapsack's next step up keeps more than {target / 2**20:.1f} MiB"
         recomputed, flops = recomputed_ops(chosen, free)
         result = BudgetResult(self.budget.text, target, free.saved, chosen.saved, met, recomputed, flops, tried, note)
         return chosen.fw, chosen.bw, result
@@ -261,7 +276,7 @@ def _protect(graph: fx.Graph) -> None:
 def saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> int:
     """Bytes the forward graph hands backward, each storage once, not counting the graph's inputs
     (parameters, the batch) or views of them: what `saved_tensors_hooks` would see beyond parameters."""
-    from torch._functorch.partitioners import _size_of
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
 
     nodes = list(fw.graph.nodes)
     inputs = {_storage(n) for n in nodes if n.op == "placeholder"} - {None}
@@ -270,7 +285,7 @@ def saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> int:
         key = _storage(n)
         if key is None or key in inputs:
             continue
-        saved[key] = max(saved.get(key, 0), _size_of(n))
+        saved[key] = int(optimization_hint(n.meta["val"].untyped_storage().nbytes(), fallback=0))  # a view: its whole buffer
     return sum(saved.values())
 
 

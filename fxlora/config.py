@@ -227,6 +227,9 @@ class MemoryBudget:
         if isinstance(value, int):
             if value < 0:
                 raise ValueError(what)
+            if 0 < value < 1024:  # memory_budget=1 meaning "all of it" would be 1 byte
+                raise ValueError(what + f" ({value} would be {value} bytes: give a fraction as a float, e.g. 1.0, "
+                                 "or bytes from 1 KiB up)")
             return cls(text=f"{value} bytes", bytes=value)
         if isinstance(value, float):
             if not 0.0 <= value <= 1.0:
@@ -237,7 +240,11 @@ class MemoryBudget:
             percent = re.fullmatch(r"([0-9]*\.?[0-9]+)%", text)
             if percent:
                 return cls.parse(float(percent[1]) / 100)
-            sized = re.fullmatch(r"([0-9]*\.?[0-9]+)([A-Za-z]*)", text)
+            if re.fullmatch(r"[0-9]+", text):  # a number in a string reads as the number would
+                return cls.parse(int(text))
+            if re.fullmatch(r"[0-9]*\.[0-9]+", text):
+                return cls.parse(float(text))
+            sized = re.fullmatch(r"([0-9]*\.?[0-9]+)([A-Za-z]+)", text)
             if sized and sized[2].lower() in _UNITS:
                 return cls(text=value.strip(), bytes=int(float(sized[1]) * _UNITS[sized[2].lower()]))
         raise ValueError(what)

@@ -39,13 +39,14 @@ def _budget(report=None):
 @pytest.mark.parametrize("value, bytes_, fraction", [
     (0.5, None, 0.5), ("50%", None, 0.5), (0, 0, None), (1.0, None, 1.0),
     ("512MiB", 512 * 2**20, None), ("2 GiB", 2 * 2**30, None), ("1.5GB", 1_500_000_000, None), (4096, 4096, None),
+    ("0.5", None, 0.5), ("4096", 4096, None),
 ])
 def test_budget_parsed(value, bytes_, fraction):
     b = MemoryBudget.parse(value)
     assert (b.bytes, b.fraction) == (bytes_, fraction)
 
 
-@pytest.mark.parametrize("value", [1.5, -0.1, -1, True, "lots", "3 parsecs", "150%", [1]])
+@pytest.mark.parametrize("value", [1.5, -0.1, -1, True, "lots", "3 parsecs", "150%", [1], 1, "1", 512])
 def test_bad_budget_says_what_is_allowed(value):
     with pytest.raises(ValueError, match="memory_budget' must be bytes"):
         Config(memory_budget=value)
@@ -59,7 +60,7 @@ def test_budget_needs_a_partitioner():
 # ----------------------------------------------------------------------------- meeting it, exactly
 
 
-@pytest.mark.parametrize("fraction", [0.7, 0.4, 0.2])
+@pytest.mark.parametrize("fraction", [pytest.param(0.7, marks=pytest.mark.slow), 0.4, pytest.param(0.2, marks=pytest.mark.slow)])
 def test_budget_met_within_its_bytes_and_exact(fraction):
     """Each budget lands at or just below its bytes (no cliff to the least), and the step is the unbudgeted one's."""
     batch = token_batch(2, 32)
@@ -74,6 +75,7 @@ def test_budget_met_within_its_bytes_and_exact(fraction):
     assert_same_step(ref, got, **FP32)
 
 
+@pytest.mark.slow  # `make test` under 15 min cold: the core cases run there, these in `make test-all`
 def test_budget_in_bytes():
     batch = token_batch(2, 32)
     step(compiled(_model(), **CHEAP), batch)
@@ -88,11 +90,33 @@ def test_ops_drawing_eager_masks_never_recomputed():
     would redraw it if run again in backward; it is kept, whatever the budget. Same seeds, same step."""
     batch = token_batch(2, 32)
     ref = step(compiled(_model(dropout=0.25), **CHEAP), batch, seed=3)
+    assert "lora_linear" in fxlora.last_report().graphs[0].graph_after  # the precondition: ops with eager masks
     torch._dynamo.reset()
     got = step(compiled(_model(dropout=0.25), **CHEAP, memory_budget=0.3), batch, seed=3)
     r = _budget()
     assert r.recomputed and not any("fxlora" in op for op in r.recomputed), r.format()
     assert_same_step(ref, got, **FP32)
+
+
+@pytest.mark.slow
+def test_without_protection_the_masks_would_be_redrawn(monkeypatch):
+    """The control of the test above: with nothing kept, the knapsack recomputes those ops and dA goes wrong."""
+    import fxlora.budget
+
+    monkeypatch.setattr(fxlora.budget, "_protect", lambda graph: None)
+    batch = token_batch(2, 32)
+    ref = step(compiled(_model(dropout=0.25), **CHEAP), batch, seed=3)
+    torch._dynamo.reset()
+    got = step(compiled(_model(dropout=0.25), **CHEAP, memory_budget=0.3), batch, seed=3)
+    assert any("fxlora" in op for op in _budget().recomputed)
+    with pytest.raises(AssertionError):
+        assert_same_step(ref, got, **FP32)
+
+
+def test_explain_with_a_budget_runs_eagerly():
+    """explain() runs what was decided eagerly: no partitioner, so the budget is set aside, not an error."""
+    report = fxlora.explain(_model(), **token_batch(2, 16), options={"memory_budget": 0.5, **CHEAP})
+    assert report.graphs and report.graphs[0].all_rewritten
 
 
 def test_loose_budget_changes_nothing():
@@ -114,6 +138,19 @@ def test_unreachable_budget_says_the_least_it_can_keep():
     assert_same_step(ref, got, **FP32)
 
 
+def test_partitioner_answering_before_its_knapsack_is_said():
+    """torch's partitioner normalises by the graph's inputs (frozen weights included): where the activations
+    weigh less than those (a large vocabulary, short sequences) it answers before its knapsack. The report
+    says so instead of claiming a search, and the step stays exact."""
+    model = lambda: with_lora(tiny_model("llama", hidden=64, layers=2, vocab=32768), r=4).train()  # noqa: E731
+    batch = token_batch(2, 8, 32768)
+    ref = step(model(), batch)
+    got = step(compiled(model(), **CHEAP, memory_budget=0.3), batch)
+    r = _budget()
+    assert "answered before its knapsack" in r.note and not r.met
+    assert_same_step(ref, got, **FP32)
+
+
 def test_each_model_gets_its_own_budget():
     """Dynamo reuses a compiled graph for every model of the same code in a process; a budget given
     to fxlora is part of its options, so the second model compiles again under its own."""
@@ -125,6 +162,7 @@ def test_each_model_gets_its_own_budget():
     assert first.requested != second.requested and second.reached_bytes < first.reached_bytes
 
 
+@pytest.mark.slow  # `make test` under 15 min cold: the core cases run there, these in `make test-all`
 def test_budget_applies_to_a_graph_fxlora_did_not_rewrite():
     model = tiny_model("llama", hidden=64, layers=2).train()
     step(compiled(model, **CHEAP, memory_budget=0.5), token_batch(2, 32))
@@ -132,6 +170,7 @@ def test_budget_applies_to_a_graph_fxlora_did_not_rewrite():
     assert not g.all_rewritten and g.budget and g.budget[0].met
 
 
+@pytest.mark.slow  # `make test` under 15 min cold: the core cases run there, these in `make test-all`
 def test_dora_exact_under_a_budget():
     batch = token_batch(2, 32)
     dora = lambda: with_lora(tiny_model("llama", hidden=64, layers=2), r=4, use_dora=True).train()  # noqa: E731
@@ -141,6 +180,7 @@ def test_dora_exact_under_a_budget():
     assert_same_step(ref, got, **FP32)
 
 
+@pytest.mark.slow  # `make test` under 15 min cold: the core cases run there, these in `make test-all`
 def test_qlora_exact_under_a_budget():
     """4-bit bases: the dequantised weights stay recomputed (their tags), the budget prices the rest."""
     pytest.importorskip("bitsandbytes")
@@ -152,6 +192,7 @@ def test_qlora_exact_under_a_budget():
     assert_same_step(ref, got, **FP32)
 
 
+@pytest.mark.slow  # `make test` under 15 min cold: the core cases run there, these in `make test-all`
 def test_checkpointed_layers_keep_their_regions_under_a_budget():
     """HF gradient checkpointing: the regions stay recomputed (the partitioner honours their tags); the budget
     prices what is kept outside them; exact."""
@@ -205,26 +246,37 @@ def test_fxlora_op_priced_by_its_body():
 
 
 @pytest.mark.inductor
-def test_inductor_budget_exact_and_keyed():
-    """End to end on Inductor: the budget partitioner is Inductor's custom_partitioner_fn, exact, and
-    part of the FX graph cache key (another budget compiles another graph)."""
+def test_inductor_budget_exact():
+    """End to end on Inductor: the budget partitioner is Inductor's custom_partitioner_fn; exact."""
     batch = token_batch(2, 32)
-    model = lambda: with_lora(tiny_model("llama", hidden=32, layers=1), r=4).train()  # noqa: E731
-    options = {**CHEAP, "memory_budget": 0.4}
-    ref = step(model(), batch)
+    ref = step(_inductor_model(), batch)
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        got = step(torch.compile(model(), backend="fxlora", options=options), batch)
+        got = step(torch.compile(_inductor_model(), backend="fxlora", options={**CHEAP, "memory_budget": 0.4}), batch)
     r = _budget()
     assert r.met and r.reached_bytes <= r.target_bytes
     assert_same_step(ref, got, **FP32)
-    torch._dynamo.reset()
-    fxlora.clear_reports()
+
+
+@pytest.mark.inductor
+@pytest.mark.slow
+def test_inductor_cache_keys_on_the_budget():
+    """Another budget never loads a graph compiled under this one: the partitioner's uuid holds it."""
+    batch = token_batch(2, 32)
+    options = lambda budget: {**CHEAP, "memory_budget": budget}  # noqa: E731
     with torch._inductor.config.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True):
-        step(torch.compile(model(), backend="fxlora", options=options), batch)  # compiled once into the caches
+        step(torch.compile(_inductor_model(), backend="fxlora", options=options(0.4)), batch)  # into the caches
         torch._dynamo.reset()
         fxlora.clear_reports()
-        step(torch.compile(model(), backend="fxlora", options=options), batch)  # from them
+        step(torch.compile(_inductor_model(), backend="fxlora", options=options(0.3)), batch)
+        assert _budget().requested == "0.3 of the unbudgeted step"  # partitioned, not loaded
+        torch._dynamo.reset()
+        fxlora.clear_reports()
+        step(torch.compile(_inductor_model(), backend="fxlora", options=options(0.3)), batch)  # the same: loaded
     g = fxlora.last_report().graphs[-1]
     assert g.budget or "partitioned under the same budget when first compiled" in g.format()
     a = BudgetPartitioner(MemoryBudget.parse(0.4), []).uuid()
     assert a == BudgetPartitioner(MemoryBudget.parse("40%"), []).uuid() != BudgetPartitioner(MemoryBudget.parse(0.3), []).uuid()
+
+
+def _inductor_model():
+    return with_lora(tiny_model("llama", hidden=32, layers=1), r=4).train()

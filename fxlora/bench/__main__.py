@@ -127,6 +127,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           "Inductor caches; one case (the first of --seqs/--ranks/--dropouts); plot docs/img/memory_frontier.png")
     out.add_argument("--budgets", type=_floats, default=tuple(b for b in BUDGETS if b is not None),
                      help="--memory-frontier's budgets, fractions of the unbudgeted step (none is always run) [0.7,0.5,0.3,0.1]")
+    out.add_argument("--rounds", type=int, default=1,
+                     help="--memory-frontier: run every point this many times (odd rounds in reverse order); "
+                          "each point's step is the median of its rounds [%(default)s]")
     out.add_argument("--frontier-point", help=argparse.SUPPRESS)  # a child of --memory-frontier: measure one point
     out.add_argument("--frontier-out", help=argparse.SUPPRESS)
     out.add_argument("--from-json", metavar="PATH", help="measure nothing: redraw table and plot from a saved lora_<tag>.json")
@@ -403,12 +406,15 @@ DEFAULT_FRONTIER_PLOT = os.path.join("docs", "img", "memory_frontier.png")
 
 def memory_frontier(args: argparse.Namespace) -> int:
     """Every point in a child process of this command (see fxlora/bench/frontier.py); table, JSON and plot here."""
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     settings, cases = settings_from(args), cases_from(args)
     start = time.time()
-    rows = run_frontier(frontier_points((None, *args.budgets)), child_argv(args.argv), progress=not args.no_progress)
+    rows = run_frontier(frontier_points((None, *args.budgets)), child_argv(args.argv), rounds=args.rounds,
+                        progress=not args.no_progress)
     case, shape = cases[0], settings.shape
     title = (f"{describe_model(_shape_dict(shape))}, {case.label()}, {settings.dtype}, "
-             f"{settings.device}; {settings.steps} steps per point")
+             f"{settings.device}; {settings.steps} steps per point" + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
     table = frontier_table(rows)
     print(title + "\n\n" + table)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -4,8 +4,9 @@ Points: peft-inductor under `torch._functorch.config.activation_memory_budget`, 
 `memory_budget` option (fxlora/budget.py), and PEFT with Hugging Face gradient checkpointing
 (eager and Inductor). Each point runs in its own process with empty Inductor caches: Dynamo
 reuses a compiled graph for every model of the same code in a process, so a budget set for a
-second model there would silently not apply. Points therefore cannot be interleaved round by
-round as a sweep's contestants are: read each step time with its spread.
+second model there would silently not apply. Points therefore cannot be interleaved step by step
+as a sweep's contestants are; `--rounds N` runs every point N times instead, odd rounds in reverse
+order, and reports the median of the rounds and their spread.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -50,7 +53,7 @@ def frontier_points(budgets: Sequence[Optional[float]] = BUDGETS) -> list[Point]
             + [Point(c, checkpointing=True) for c in CHECKPOINTED])
 
 
-_PARENT_ONLY = {"--memory-frontier": 0, "--budgets": 1, "--plot": 1, "--tag": 1, "--no-plot": 0}  # flag -> values it takes
+_PARENT_ONLY = {"--memory-frontier": 0, "--budgets": 1, "--plot": 1, "--tag": 1, "--no-plot": 0, "--rounds": 1}  # flag -> values it takes
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:
@@ -84,30 +87,50 @@ def measure_point(point: Point, case: Case, settings: Settings,
     return measure(case, settings)[0]
 
 
-def run_frontier(points: Sequence[Point], child_argv: Sequence[str], progress: bool = True) -> list[tuple[Point, Measurement]]:
+def run_frontier(points: Sequence[Point], child_argv: Sequence[str], rounds: int = 1,
+                 progress: bool = True) -> list[tuple[Point, Measurement]]:
     """Each point in a fresh interpreter (`python -m fxlora.bench <child_argv> --frontier-point ...`)
-    with its own empty Inductor cache; what each measured comes back as JSON."""
+    with its own empty Inductor cache; what each measured comes back as JSON. With several rounds
+    every point runs once per round, odd rounds in reverse order (a drifting machine then favours no
+    point), and each point's step is the median of its rounds' medians (`combine`)."""
     from tqdm import tqdm
 
-    out: list[tuple[Point, Measurement]] = []
-    bar = tqdm(points, desc="memory frontier", disable=not progress)
+    runs: dict[Point, list[Measurement]] = {p: [] for p in points}
+    order = [list(points) if r % 2 == 0 else list(reversed(points)) for r in range(rounds)]
+    bar = tqdm([p for round_ in order for p in round_], desc="memory frontier", disable=not progress)
     for point in bar:
         bar.set_postfix_str(point.label)
-        with tempfile.TemporaryDirectory(prefix="fxlora-frontier-") as tmp:
-            path = os.path.join(tmp, "point.json")
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
-                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
-            cmd = [sys.executable, "-m", "fxlora.bench", *child_argv, "--no-progress",
-                   "--frontier-point", json.dumps(dataclasses.asdict(point)), "--frontier-out", path]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode != 0 or not os.path.exists(path):
-                last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
-                m = Measurement(point.contestant, 0, 0, 0.0, error=f"point process failed (rc {done.returncode}): {last}")
-            else:
-                with open(path) as f:
-                    m = Measurement(**json.load(f))
-        out.append((point, m))
-    return out
+        runs[point].append(_run_point(point, child_argv))
+    return [(p, combine(runs[p])) for p in points]
+
+
+def _run_point(point: Point, child_argv: Sequence[str]) -> Measurement:
+    with tempfile.TemporaryDirectory(prefix="fxlora-frontier-") as tmp:
+        path = os.path.join(tmp, "point.json")
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
+               "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+        cmd = [sys.executable, "-m", "fxlora.bench", *child_argv, "--no-progress",
+               "--frontier-point", json.dumps(dataclasses.asdict(point)), "--frontier-out", path]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.exists(path):
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+            return Measurement(point.contestant, 0, 0, 0.0, error=f"point process failed (rc {done.returncode}): {last}")
+        with open(path) as f:
+            return Measurement(**json.load(f))
+
+
+def combine(rounds: Sequence[Measurement]) -> Measurement:
+    """One point over its rounds: the median of the rounds' median steps, every step kept, the spread
+    of the rounds' medians (or of the steps, with one round); an error in any round is the point's."""
+    failed = [m for m in rounds if m.error]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    medians = sorted(m.step_ms for m in rounds)
+    mid = statistics.median(medians)
+    return dataclasses.replace(rounds[0], step_ms=mid, step_ms_all=[t for m in rounds for t in m.step_ms_all],
+                               step_spread=(medians[-1] - medians[0]) / mid,
+                               first_step_ms=statistics.median(m.first_step_ms for m in rounds),
+                               compile_s=statistics.median(m.compile_s for m in rounds))
 
 
 def frontier_table(rows: Sequence[tuple[Point, Measurement]]) -> str:
@@ -142,7 +165,7 @@ def plot_frontier(rows: Sequence[tuple[Point, Measurement]], path: str, title: s
                 ax.annotate(f"{p.budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("saved for backward (MiB)")
     ax.set_ylabel("step (ms)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxlora
-from fxlora.bench.frontier import Point, child_argv, frontier_points, frontier_table, measure_point, plot_frontier
+from fxlora.bench.frontier import Point, child_argv, combine, frontier_points, frontier_table, measure_point, plot_frontier
 from fxlora.bench.results import Measurement
 from fxlora.bench.run import measure_case
 from fxlora.bench.spec import Case, ModelShape, Settings
@@ -23,8 +23,18 @@ def test_points_cover_every_budget_and_checkpointing():
 
 
 def test_child_runs_what_the_parent_was_asked_less_the_frontier():
-    argv = ["--memory-frontier", "--seqs", "1024", "--budgets", "0.5,0.3", "--tag=x", "--batch", "2", "--no-plot"]
+    argv = ["--memory-frontier", "--seqs", "1024", "--budgets", "0.5,0.3", "--tag=x", "--batch", "2", "--no-plot",
+            "--rounds", "3"]
     assert child_argv(argv) == ["--seqs", "1024", "--batch", "2"]
+
+
+def test_rounds_combine_to_the_median_and_their_spread():
+    rounds = [Measurement("fxlora", 1024, 8, 0.0, step_ms=t, step_ms_all=[t, t + 1], first_step_ms=9.0, saved_bytes=5)
+              for t in (100.0, 120.0, 110.0)]
+    m = combine(rounds)
+    assert m.step_ms == 110.0 and m.step_spread == pytest.approx(20 / 110) and len(m.step_ms_all) == 6
+    assert m.saved_bytes == 5
+    assert combine([*rounds, Measurement("fxlora", 1024, 8, 0.0, error="boom")]).error == "boom"
 
 
 @pytest.mark.parametrize("point", [Point("fxlora", 0.5), Point("peft-inductor", 0.5), Point("peft-eager", checkpointing=True)])
@@ -44,6 +54,7 @@ def test_each_point_gets_its_budget(point):
     assert seen["budget"] == (0.5 if point.contestant == "peft-inductor" else 1.0)
 
 
+@pytest.mark.slow  # a real compile; the pieces above run in `make test`
 def test_a_budgeted_fxlora_point_measures_and_reports(tmp_path):
     """One real point, aot_eager: fxlora's memory_budget reaches the compile and keeps fewer bytes."""
     settings = Settings(shape=TINY, steps=1, warmup=1, inner="aot_eager")
