@@ -125,8 +125,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="saved bytes against step time: peft-inductor under activation_memory_budget, fxlora under "
                           "memory_budget (--budgets), PEFT with HF checkpointing; each point its own process with empty "
                           "Inductor caches; one case (the first of --seqs/--ranks/--dropouts); plot docs/img/memory_frontier.png")
-    out.add_argument("--budgets", type=_floats, default=tuple(b for b in BUDGETS if b is not None),
-                     help="--memory-frontier's budgets, fractions of the unbudgeted step (none is always run) [0.7,0.5,0.3,0.1]")
+    out.add_argument("--budgets", type=_budgets, default=tuple(b for b in BUDGETS if b is not None),
+                     help="--memory-frontier's budgets: fractions of each contestant's unbudgeted step, or bytes such as "
+                          "74MiB (fxlora only: a peer point's bytes); none is always run [0.7,0.5,0.3,0.1]")
     out.add_argument("--rounds", type=int, default=1,
                      help="--memory-frontier: run every point this many times (odd rounds in reverse order); "
                           "each point's step is the median of its rounds [%(default)s]")
@@ -141,6 +142,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _budgets(text: str) -> tuple:
+    """Fractions as floats, sizes ("74MiB") as given."""
+    out = []
+    for x in (x.strip() for x in text.split(",") if x.strip()):
+        try:
+            out.append(float(x))
+        except ValueError:
+            out.append(x)
+    return tuple(out)
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import textwrap
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from fxlora.bench.results import Measurement
 from fxlora.bench.spec import MIB, Case, Settings
@@ -31,25 +31,32 @@ CHECKPOINTED = ("peft-eager", "peft-inductor")  # HF gradient checkpointing: the
 
 @dataclass(frozen=True)
 class Point:
-    """One point of the frontier: a contestant, its budget (a fraction) or HF checkpointing."""
+    """One point of the frontier: a contestant, its budget or HF checkpointing. A budget is a fraction
+    of the contestant's unbudgeted step, or bytes ("74MiB": fxlora only, to meet a peer's point at its bytes)."""
 
     contestant: str  # "peft-inductor", "fxlora" or "peft-eager"
-    budget: Optional[float] = None
+    budget: Union[None, float, str] = None
     checkpointing: bool = False
 
     @property
     def label(self) -> str:
         if self.checkpointing:
             return f"{self.contestant} + HF checkpointing"
-        return self.contestant + ("" if self.budget is None else f" @ {self.budget:g}")
+        return self.contestant + ("" if self.budget is None else f" @ {_text(self.budget)}")
 
     @property
     def series(self) -> str:
         return f"{self.contestant} + HF checkpointing" if self.checkpointing else self.contestant
 
 
-def frontier_points(budgets: Sequence[Optional[float]] = BUDGETS) -> list[Point]:
-    return ([Point(c, b) for c in ("peft-inductor", "fxlora") for b in budgets]
+def _text(budget: Union[float, str]) -> str:
+    return f"{budget:g}" if isinstance(budget, float) else budget
+
+
+def frontier_points(budgets: Sequence[Union[None, float, str]] = BUDGETS) -> list[Point]:
+    """Every budget for each contestant; budgets in bytes for fxlora only (PEFT's knob takes fractions)."""
+    return ([Point("peft-inductor", b) for b in budgets if not isinstance(b, str)]
+            + [Point("fxlora", b) for b in budgets]
             + [Point(c, checkpointing=True) for c in CHECKPOINTED])
 
 
@@ -162,7 +169,7 @@ def plot_frontier(rows: Sequence[tuple[Point, Measurement]], path: str, title: s
         ax.plot(xs, ys, marker="o", label=name)
         for (p, m), x, y in zip(pts, xs, ys):
             if p.budget is not None:
-                ax.annotate(f"{p.budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.annotate(_text(p.budget), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("saved for backward (MiB)")
     ax.set_ylabel("step (ms)")
     ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=8)

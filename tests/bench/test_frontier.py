@@ -22,6 +22,10 @@ def test_points_cover_every_budget_and_checkpointing():
                                          "peft-eager + HF checkpointing", "peft-inductor + HF checkpointing"]
 
 
+def test_a_budget_in_bytes_is_fxlora_only():
+    assert [p.label for p in frontier_points((0.3, "74MiB"))][:3] == ["peft-inductor @ 0.3", "fxlora @ 0.3", "fxlora @ 74MiB"]
+
+
 def test_child_runs_what_the_parent_was_asked_less_the_frontier():
     argv = ["--memory-frontier", "--seqs", "1024", "--budgets", "0.5,0.3", "--tag=x", "--batch", "2", "--no-plot",
             "--rounds", "3"]
