@@ -154,10 +154,11 @@ def test_partitioner_answering_before_its_knapsack_is_said():
 def test_each_model_gets_its_own_budget():
     """Dynamo reuses a compiled graph for every model of the same code in a process; a budget given
     to fxlora is part of its options, so the second model compiles again under its own."""
-    batch = token_batch(2, 32)
-    step(compiled(_model(), **CHEAP, memory_budget=0.7), batch)
+    batch = token_batch(2, 16)
+    small = lambda seed: with_lora(tiny_model("llama", hidden=32, layers=1, seed=seed), r=4).train()  # noqa: E731
+    step(compiled(small(0), **CHEAP, memory_budget=0.7), batch)
     first = _budget()
-    step(compiled(_model(seed=1), **CHEAP, memory_budget=0.3), batch)
+    step(compiled(small(1), **CHEAP, memory_budget=0.3), batch)
     second = _budget()
     assert first.requested != second.requested and second.reached_bytes < first.reached_bytes
 
