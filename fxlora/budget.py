@@ -26,6 +26,7 @@ budget reached and what backward recomputes for it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -37,8 +38,9 @@ import torch
 import torch.fx as fx
 from torch._functorch import config as functorch_config
 from torch._functorch._activation_checkpointing.knapsack import dp_knapsack
-from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._functorch.partitioners import _remove_symbols_without_guarding, min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomKnapsackSolver, CustomPartitionerFn, CustomRuntimeEstimator
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
@@ -116,15 +118,11 @@ def node_flops(node: fx.Node) -> float:
 
 def _concrete(a: Any) -> Any:
     """A node's value with its symbolic sizes at their hints (as the partitioner's own estimator does)."""
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
-
     if not isinstance(a, fx.Node):
         return a
     v = a.meta.get("val")
     if isinstance(v, torch.Tensor):
-        size = [optimization_hint(d, fallback=4096) for d in v.shape]
-        stride = [optimization_hint(d, fallback=4096) for d in v.stride()]
-        return v.new_empty_strided(size, stride)
+        return _remove_symbols_without_guarding(v, fallback=4096)
     if isinstance(v, torch.SymInt):
         return optimization_hint(v, fallback=4096)
     return v
@@ -204,6 +202,7 @@ class BudgetPartitioner(CustomPartitionerFn):
     def partition(self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
         prices = _Flops()
         outputs = kwargs["num_fwd_outputs"]
+        tries: list[_Plan] = []  # every min cut made, for the report
 
         def plan(capacity: Optional[float]) -> _Plan:
             patches, solver = {}, _Knapsack(capacity or 0.0, prices)
@@ -215,48 +214,48 @@ class BudgetPartitioner(CustomPartitionerFn):
                 _protect(joint.graph)
             with functorch_config.patch(patches):
                 fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
-            return _Plan(fw, bw, saved_bytes(fw, outputs), solver.total, solver.called)
+            tries.append(_Plan(fw, bw, saved_bytes(fw, outputs), solver.total, solver.called))
+            return tries[-1]
 
         free = plan(None)
         target = self.budget.target(free.saved)
-        tried = 1
-        if free.saved <= target:
-            chosen, met, note = free, True, "met without recomputing more"
-        else:
-            least = plan(0.0)
-            tried += 1
-            if not least.knapsack:  # e.g. activations smaller than the graph's inputs: its own early answer
-                chosen, met = (least, True) if least.saved <= target else (free, False)
-                note = ("the partitioner answered before its knapsack (this graph keeps less than its inputs "
-                        "weigh), so no capacity was searched" + ("" if met else "; kept the unbudgeted partition"))
-            elif least.saved > target:
-                chosen, met = least, False
-                note = (f"the least the partitioner can keep is {least.saved / 2**20:.1f} MiB (it keeps random draws, "
-                        "ops whose dropout masks come from the RNG state, collectives, and what backward reads of the inputs)")
-            else:
-                chosen, met, note = least, True, ""
-                most = plan(math.inf)
-                tried += 1
-                if most.saved <= target:  # every knapsack item kept: only what the min cut recomputes for free
-                    chosen = most
-                    if most.saved < 0.9 * target:
-                        note = ("lands below the budget: the least recomputation below the unbudgeted "
-                                f"{free.saved / 2**20:.1f} MiB already keeps this little")
-                else:
-                    lo, hi = 0.0, least.capacity_range
-                    for _ in range(_BISECTIONS):
-                        mid = (lo + hi) / 2
-                        p = plan(mid)
-                        tried += 1
-                        if p.saved <= target:
-                            chosen, lo = p, mid
-                        else:
-                            hi = mid
-                    if chosen.saved < 0.9 * target:
-                        note = f"lands below the budget: the knapsack's next step up keeps more than {target / 2**20:.1f} MiB"
+        chosen, met, note = _choose(plan, free, target)
         recomputed, flops = recomputed_ops(chosen, free)
-        result = BudgetResult(self.budget.text, target, free.saved, chosen.saved, met, recomputed, flops, tried, note)
+        result = BudgetResult(self.budget.text, target, free.saved, chosen.saved, met, recomputed, flops, len(tries), note)
         return chosen.fw, chosen.bw, result
+
+
+def _choose(plan: Callable[[float], _Plan], free: _Plan, target: int) -> tuple[_Plan, bool, str]:
+    """The partition with the least recomputation within `target` bytes: the unbudgeted one if it fits,
+    else the largest knapsack capacity that fits (bisected); with whether it was met, and a note."""
+    if free.saved <= target:
+        return free, True, "met without recomputing more"
+    least = plan(0.0)
+    if not least.knapsack:  # e.g. activations smaller than the graph's inputs: its own early answer
+        met = least.saved <= target
+        return (least if met else free), met, ("the partitioner answered before its knapsack (this graph keeps less "
+                                               "than its inputs weigh), so no capacity was searched"
+                                               + ("" if met else "; kept the unbudgeted partition"))
+    if least.saved > target:
+        return least, False, (f"the least the partitioner can keep is {least.saved / 2**20:.1f} MiB (it keeps random "
+                              "draws, ops whose dropout masks come from the RNG state, collectives, and what backward "
+                              "reads of the inputs)")
+    most = plan(math.inf)
+    if most.saved <= target:  # every knapsack item kept: only what the min cut recomputes for free
+        below = most.saved < 0.9 * target
+        return most, True, (f"lands below the budget: the least recomputation below the unbudgeted "
+                            f"{free.saved / 2**20:.1f} MiB already keeps this little" if below else "")
+    chosen, lo, hi = least, 0.0, least.capacity_range
+    for _ in range(_BISECTIONS):
+        mid = (lo + hi) / 2
+        p = plan(mid)
+        if p.saved <= target:
+            chosen, lo = p, mid
+        else:
+            hi = mid
+    below = chosen.saved < 0.9 * target
+    return chosen, True, (f"lands below the budget: the knapsack's next step up keeps more than "
+                          f"{target / 2**20:.1f} MiB" if below else "")
 
 
 def _protect(graph: fx.Graph) -> None:
@@ -276,8 +275,6 @@ def _protect(graph: fx.Graph) -> None:
 def saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> int:
     """Bytes the forward graph hands backward, each storage once, not counting the graph's inputs
     (parameters, the batch) or views of them: what `saved_tensors_hooks` would see beyond parameters."""
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
-
     nodes = list(fw.graph.nodes)
     inputs = {_storage(n) for n in nodes if n.op == "placeholder"} - {None}
     saved: dict[Any, int] = {}
@@ -302,8 +299,5 @@ def recomputed_ops(plan: _Plan, unbudgeted: _Plan) -> tuple[dict[str, int], floa
 
     before = {n.name for n in remat(unbudgeted)}
     extra = [n for n in remat(plan) if n.name not in before and "val" in n.meta]
-    counts: dict[str, int] = {}
-    for n in extra:
-        name = str(getattr(n.target, "overloadpacket", n.target)).replace("aten.", "")
-        counts[name] = counts.get(name, 0) + 1
-    return counts, sum(node_flops(n) for n in extra)
+    counts = collections.Counter(str(getattr(n.target, "overloadpacket", n.target)).replace("aten.", "") for n in extra)
+    return dict(counts), sum(node_flops(n) for n in extra)

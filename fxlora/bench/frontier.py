@@ -39,14 +39,12 @@ class Point:
     checkpointing: bool = False
 
     @property
-    def label(self) -> str:
-        if self.checkpointing:
-            return f"{self.contestant} + HF checkpointing"
-        return self.contestant + ("" if self.budget is None else f" @ {_text(self.budget)}")
-
-    @property
     def series(self) -> str:
         return f"{self.contestant} + HF checkpointing" if self.checkpointing else self.contestant
+
+    @property
+    def label(self) -> str:
+        return self.series + ("" if self.budget is None else f" @ {_text(self.budget)}")
 
 
 def _text(budget: Union[float, str]) -> str:
@@ -96,8 +94,8 @@ def measure_point(point: Point, case: Case, settings: Settings,
 
 def run_frontier(points: Sequence[Point], child_argv: Sequence[str], rounds: int = 1,
                  progress: bool = True) -> list[tuple[Point, Measurement]]:
-    """Each point in a fresh interpreter (`python -m fxlora.bench <child_argv> --frontier-point ...`)
-    with its own empty Inductor cache; what each measured comes back as JSON. With several rounds
+    """Each point in a fresh interpreter (`python -m fxlora.bench <child_argv> --no-compile-cache
+    --frontier-point ...`: no graph caches, an empty kernel cache); what each measured comes back as JSON. With several rounds
     every point runs once per round, odd rounds in reverse order (a drifting machine then favours no
     point), and each point's step is the median of its rounds' medians (`combine`)."""
     from tqdm import tqdm
@@ -114,11 +112,9 @@ def run_frontier(points: Sequence[Point], child_argv: Sequence[str], rounds: int
 def _run_point(point: Point, child_argv: Sequence[str]) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="fxlora-frontier-") as tmp:
         path = os.path.join(tmp, "point.json")
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
-               "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
-        cmd = [sys.executable, "-m", "fxlora.bench", *child_argv, "--no-progress",
+        cmd = [sys.executable, "-m", "fxlora.bench", *child_argv, "--no-progress", "--no-compile-cache",
                "--frontier-point", json.dumps(dataclasses.asdict(point)), "--frontier-out", path]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not os.path.exists(path):
             last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
             return Measurement(point.contestant, 0, 0, 0.0, error=f"point process failed (rc {done.returncode}): {last}")

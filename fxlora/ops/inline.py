@@ -68,16 +68,20 @@ class InlineResult:
 def op_body(op: Any) -> Callable:
     """The Python function `torch.library.custom_op` wrapped: the op's eager body. `op`: its
     qualified name ("fxlora::lora_linear") or an overload (`torch.ops.fxlora.lora_linear.default`)."""
-    qualname = op if isinstance(op, str) else op.name().split(".")[0]
-    return torch._library.custom_ops.OPDEFS[qualname]._init_fn
+    return torch._library.custom_ops.OPDEFS[op if isinstance(op, str) else _qualname(op)]._init_fn
+
+
+def _qualname(op: torch._ops.OpOverload) -> str:
+    """The op's qualified name: "fxlora::lora_linear" for `torch.ops.fxlora.lora_linear.default`."""
+    return op.name().split(".")[0]
 
 
 def inline_ops(graph: fx.Graph) -> InlineResult:
     """Replace every fxlora op node of `graph` whose body traces by that trace; return what it did."""
     result = InlineResult()
     for node in [n for n in graph.nodes if is_fxlora_op(n)]:
-        name = node.target.name().split(".")[0]  # "fxlora::lora_linear"
-        why = _why_not(name, node)
+        name = _qualname(node.target)
+        why = why_not_inline(node)
         if why is None:
             try:
                 _inline(graph, node, name)
@@ -93,10 +97,7 @@ def inline_ops(graph: fx.Graph) -> InlineResult:
 def why_not_inline(node: fx.Node) -> Optional[str]:
     """Why this fxlora op's body is not a pure function of its inputs (None: it is; it may be traced, or
     run again with the same result, e.g. recomputed in backward)."""
-    return _why_not(node.target.name().split(".")[0], node)
-
-
-def _why_not(name: str, node: fx.Node) -> Optional[str]:
+    name = _qualname(node.target)
     if name not in _CHECKS:
         return "no inline check registered"
     args, kwargs = pytree.tree_map_only(fx.Node, lambda n: n.meta.get("val"), (node.args, node.kwargs))
