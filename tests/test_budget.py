@@ -260,8 +260,10 @@ def test_inductor_budget_exact():
 
 @pytest.mark.inductor
 @pytest.mark.slow
-def test_inductor_cache_keys_on_the_budget():
-    """Another budget never loads a graph compiled under this one: the partitioner's uuid holds it."""
+def test_inductor_cache_keys_on_the_budget(tmp_path, monkeypatch):
+    """Another budget never loads a graph compiled under this one: the partitioner's uuid holds it.
+    Its own cache directory: a rerun must not find the 0.3 graph of the run before."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     batch = token_batch(2, 32)
     options = lambda budget: {**CHEAP, "memory_budget": budget}  # noqa: E731
     with torch._inductor.config.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True):
